@@ -1,0 +1,89 @@
+"""Session-wide test hygiene for every package: hermetic, offline, strict.
+
+Runs before any test module (and so before any tracker SDK) is imported:
+HOME, TMPDIR and every SDK directory point into one temp folder, each SDK is
+put in its offline mode with its phone-home switches off, non-loopback network
+access raises, and integration errors re-raise (strict mode).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(tempfile.mkdtemp(prefix="epochal-tests-"))
+
+
+def _offline_env(root: Path) -> dict[str, str]:
+    return {
+        "HOME": str(root / "home"),
+        "TMPDIR": str(root / "tmp"),
+        "EPOCHAL_STRICT_INTEGRATIONS": "1",
+        "DO_NOT_TRACK": "true",
+        "MPLCONFIGDIR": str(root / "mplconfig"),
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1,localhost",
+        # comet
+        "COMET_OFFLINE_DIRECTORY": str(root / "comet_offline"),
+        "COMET_START_ONLINE": "false",
+        "COMET_DISABLE_AUTO_LOGGING": "1",
+        "COMET_ERROR_TRACKING_ENABLE": "false",
+        "COMET_AUTO_LOG_ENV_DETAILS": "false",
+        # neptune
+        "NEPTUNE_MODE": "offline",
+        "NEPTUNE_DATA_DIRECTORY": str(root / "neptune_data"),
+        # dvc / dvclive
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "1",
+        "DVC_SITE_CACHE_DIR": str(root / "dvc_site_cache"),
+        "DVC_GLOBAL_CONFIG_DIR": str(root / "dvc_global_config"),
+        "DVC_SYSTEM_CONFIG_DIR": str(root / "dvc_system_config"),
+        # wandb / mlflow (later integrations)
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_DIR": str(root / "wandb"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
+for _key, _value in _offline_env(_ROOT).items():
+    os.environ[_key] = _value
+for _sub in ("home", "tmp", "mplconfig"):
+    (_ROOT / _sub).mkdir(parents=True, exist_ok=True)
+tempfile.tempdir = None  # re-read TMPDIR
+
+_real_getaddrinfo = socket.getaddrinfo
+_real_connect = socket.socket.connect
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0", ""}
+
+
+def _is_loopback(host: object) -> bool:
+    return host is None or str(host) in _LOOPBACK or str(host).startswith("127.")
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if not _is_loopback(host):
+        raise OSError(f"tests must not reach the network (lookup of {host!r} blocked)")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+def _guarded_connect(self, address):  # type: ignore[no-untyped-def]
+    if isinstance(address, tuple) and not _is_loopback(address[0]):
+        raise OSError(f"tests must not reach the network (connect to {address!r} blocked)")
+    return _real_connect(self, address)
+
+
+socket.getaddrinfo = _guarded_getaddrinfo
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SDKs drop files in the CWD by default; keep them out of the checkout.
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,227 @@
+"""``IntegrationCallback``: the shared base of every tracker integration.
+
+It does, once, what each integration would otherwise repeat: rank-zero gating,
+lazy SDK import with the install hint, lazy run creation, key rewriting
+(``train/``, ``eval/``, ``test/``), flattening nested hyperparameters, dropping
+non-scalar values (one warning per key), keeping the tracker's run id in the
+checkpoint so a resumed training continues the same run, and finishing the run
+on train end (``"finished"``) or on a crash (``"failed"``).
+
+A subclass sets :attr:`~IntegrationCallback.sdk` and implements :meth:`setup`,
+:meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .callback import TrainerCallback
+from .report_to import install_hint
+
+if TYPE_CHECKING:
+    from .control import TrainerControl
+    from .state import TrainerState
+    from .training_args import TrainingArguments
+
+__all__ = ["IntegrationCallback", "flatten_params", "model_config", "rewrite_logs", "split_scalars"]
+
+logger = logging.getLogger(__name__)
+
+
+def rewrite_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """``eval_x`` → ``eval/x``, ``test_x`` → ``test/x``, anything else → ``train/x`` (transformers' scheme)."""
+    out: dict[str, Any] = {}
+    for key, value in logs.items():
+        if key.startswith("eval_"):
+            out["eval/" + key[5:]] = value
+        elif key.startswith("test_"):
+            out["test/" + key[5:]] = value
+        else:
+            out["train/" + key] = value
+    return out
+
+
+def flatten_params(params: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into ``{"a/b": value}`` (hyperparameter views need flat keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, sep, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def split_scalars(values: Mapping[str, Any]) -> tuple[dict[str, float | int], list[str]]:
+    """Keep ``int``/``float``/``bool`` values and one-element tensors; return them and the dropped keys."""
+    kept: dict[str, float | int] = {}
+    dropped: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, (bool, int, float)):
+            kept[key] = value
+        elif hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+            kept[key] = value.item()
+        else:
+            dropped.append(key)
+    return kept, dropped
+
+
+def model_config(model: Any) -> dict[str, Any] | None:
+    """The model's configuration as a dict (``model.config.to_dict()`` or a dict ``config``), if any."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    if isinstance(config, Mapping):
+        return dict(config)
+    return None
+
+
+class IntegrationCallback(TrainerCallback):
+    """Base class of tracker integrations.
+
+    Events run on world rank zero only (one tracker run per job, not one per
+    process). The run is created lazily by :meth:`setup` on the first event that
+    needs it; construction never touches the SDK, files or the network.
+
+    Class attributes a subclass sets:
+
+    Attributes:
+        name: The ``report_to`` name (``"tensorboard"``).
+        package: The epochal distribution (``"epochal-tensorboard"``).
+        sdk: Import name of the SDK (``"tensorboardX"``).
+        sdk_package: Distribution name of the SDK (``"tensorboardX"``).
+        rewrite_keys: Rewrite log keys with :func:`rewrite_logs` (default ``True``).
+    """
+
+    name: ClassVar[str] = ""
+    package: ClassVar[str] = ""
+    sdk: ClassVar[str] = ""
+    sdk_package: ClassVar[str] = ""
+    rewrite_keys: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._initialized = False
+        self._warned_keys: set[str] = set()
+        #: Tracker run id, saved in checkpoints and restored on resume.
+        self.run_id: str | None = None
+        #: Highest ``global_step`` already sent to the tracker (restored on resume).
+        self.last_logged_step: int = -1
+
+    # -- configuration ---------------------------------------------------------
+    @classmethod
+    def configuration_problem(cls) -> str | None:
+        """Why this integration cannot start without interaction, or ``None`` if it can.
+
+        Under ``report_to="all"`` a non-``None`` answer skips the integration with
+        one warning containing this text (it should say how to configure it).
+        """
+        return None
+
+    def import_sdk(self, module: str | None = None, package: str | None = None) -> ModuleType:
+        """Import the SDK (or ``module``), or raise ``ImportError`` with the install command."""
+        module = module or self.sdk
+        try:
+            return importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(install_hint(package or self.sdk_package or module, type(self).__name__)) from err
+
+    # -- hooks for subclasses ----------------------------------------------------
+    def setup(self, args: TrainingArguments, state: TrainerState, model: Any, **kwargs: Any) -> None:
+        """Create (or resume, when :attr:`run_id` is set) the tracker run and log hyperparameters."""
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
+        """Send scalar ``metrics`` (keys already rewritten) at ``step``."""
+        raise NotImplementedError
+
+    def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
+        """Called after checkpoint ``path`` was committed; upload it if configured. Default: nothing."""
+
+    def finish(self, status: str) -> None:
+        """Flush and close the run; ``status`` is ``"finished"`` or ``"failed"``."""
+        raise NotImplementedError
+
+    # -- shared helpers ------------------------------------------------------------
+    def hyperparameters(self, args: TrainingArguments, model: Any) -> dict[str, Any]:
+        """Training arguments and the model config as one nested dict (``{"args": ..., "model": ...}``)."""
+        params: dict[str, Any] = {"args": args.to_dict()}
+        config = model_config(model)
+        if config is not None:
+            params["model"] = config
+        return params
+
+    def scalars(self, logs: Mapping[str, Any]) -> dict[str, float | int]:
+        """Rewrite keys (if enabled) and keep scalars, warning once per dropped key."""
+        values = rewrite_logs(logs) if self.rewrite_keys else dict(logs)
+        kept, dropped = split_scalars(values)
+        for key in dropped:
+            if key not in self._warned_keys:
+                self._warned_keys.add(key)
+                logger.warning(
+                    "%s: dropped %r, a %s is not a scalar this tracker can log.",
+                    type(self).__name__, key, type(values[key]).__name__,
+                )
+        return kept
+
+    def _ensure_setup(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        if not self._initialized:
+            self.setup(args, state, kwargs.get("model"), **{k: v for k, v in kwargs.items() if k != "model"})
+            self._initialized = True
+
+    # -- events ----------------------------------------------------------------------
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        """Create the run on world rank zero."""
+        if state.is_world_process_zero:
+            self._ensure_setup(args, state, kwargs)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
+    ) -> Any:
+        """Send the scalars of ``logs`` at ``state.global_step``."""
+        if not state.is_world_process_zero or not logs:
+            return
+        self._ensure_setup(args, state, kwargs)
+        metrics = self.scalars(logs)
+        if metrics:
+            self.log_metrics(metrics, state.global_step, state)
+            self.last_logged_step = max(self.last_logged_step, state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Pass the committed checkpoint to :meth:`log_checkpoint`."""
+        if state.is_world_process_zero and self._initialized:
+            checkpoint = kwargs.get("checkpoint")
+            if checkpoint is not None:
+                self.log_checkpoint(str(checkpoint), args, state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Finish the run with status ``"finished"``."""
+        if state.is_world_process_zero and self._initialized:
+            self._initialized = False
+            self.finish("finished")
+
+    def on_exception(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        """Flush and finish the run with status ``"failed"``."""
+        if state.is_world_process_zero and self._initialized:
+            self._initialized = False
+            self.finish("failed")
+
+    # -- checkpoint state ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker run id and last logged step, saved in ``trainer_state.json``."""
+        return {"run_id": self.run_id, "last_logged_step": self.last_logged_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output so :meth:`setup` can resume the same run."""
+        self.run_id = state.get("run_id")
+        self.last_logged_step = int(state.get("last_logged_step", -1))

@@ -1,0 +1,136 @@
+"""Console output: ``ProgressCallback`` (tqdm bars) and ``PrinterCallback`` (plain prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .callback import TrainerCallback
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm as Tqdm
+
+    from .control import TrainerControl
+    from .state import TrainerState
+    from .training_args import TrainingArguments
+
+__all__ = ["PrinterCallback", "ProgressCallback", "format_logs"]
+
+
+def format_logs(logs: Mapping[str, Any], max_str_len: int = 100) -> dict[str, Any]:
+    """Return a copy of ``logs`` made for reading: floats as ``.4g``, long strings cut, no ``total_flos``.
+
+    Rounding is a display concern: loggers always receive the exact values.
+    """
+    shown: dict[str, Any] = {}
+    for key, value in logs.items():
+        if key == "total_flos":
+            continue
+        if isinstance(value, str) and len(value) > max_str_len:
+            value = (
+                f"[String too long to display, length: {len(value)} > {max_str_len}. "
+                "Consider increasing `max_str_len` if needed.]"
+            )
+        elif isinstance(value, float):
+            value = float(f"{value:.4g}")
+        shown[key] = value
+    return shown
+
+
+class ProgressCallback(TrainerCallback):
+    """Shows a tqdm bar for training and for each evaluation, on world rank zero.
+
+    Logs are written above the bar, formatted by :func:`format_logs`. The bar is
+    refreshed at most ``mininterval`` seconds apart (tqdm's own throttle), so a
+    fast loop does not pay for terminal writes.
+
+    Args:
+        max_str_len: Longest string value printed as is.
+    """
+
+    def __init__(self, max_str_len: int = 100) -> None:
+        self.training_bar: Tqdm | None = None
+        self.prediction_bar: Tqdm | None = None
+        self.max_str_len = max_str_len
+        self.current_step = 0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        """Open the training bar (at the restored step when resuming)."""
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True)
+        self.current_step = state.global_step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Advance the training bar."""
+        if self.training_bar is not None:
+            self.training_bar.update(state.global_step - self.current_step)
+            self.current_step = state.global_step
+
+    def on_prediction_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        eval_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Advance (or open) the evaluation bar."""
+        if not state.is_world_process_zero:
+            return
+        if self.prediction_bar is None:
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                return
+            from tqdm.auto import tqdm
+
+            self.prediction_bar = tqdm(total=total, leave=self.training_bar is None, dynamic_ncols=True)
+        self.prediction_bar.update(1)
+
+    def _close_prediction_bar(self) -> None:
+        if self.prediction_bar is not None:
+            self.prediction_bar.close()
+            self.prediction_bar = None
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Close the evaluation bar."""
+        self._close_prediction_bar()
+
+    def on_predict(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
+    ) -> Any:
+        """Close the evaluation bar."""
+        self._close_prediction_bar()
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
+    ) -> Any:
+        """Write the logs above the training bar."""
+        if self.training_bar is not None and logs is not None:
+            self.training_bar.write(str(format_logs(logs, self.max_str_len)))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Close the training bar."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
+    on_exception = on_train_end
+
+
+class PrinterCallback(TrainerCallback):
+    """Prints each log on local rank zero; used instead of the bar when ``disable_tqdm`` is set.
+
+    Unlike transformers' it never mutates the shared ``logs`` dict.
+    """
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
+    ) -> Any:
+        """Print the logs."""
+        if state.is_local_process_zero and logs is not None:
+            print(format_logs(logs))

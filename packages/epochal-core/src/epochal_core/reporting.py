@@ -1,0 +1,193 @@
+"""Runs integrations off the training thread and isolates their failures.
+
+Each integration resolved from ``report_to`` gets a :class:`Reporter`: its events
+are copied into a bounded queue and run, in order, by one background thread.
+A slow tracker therefore costs the loop only the copy of a small dict.
+
+Queue policy: the queue holds :data:`QUEUE_CAPACITY` events. When it is full the
+training thread *waits* for room (and warns once): logs are never dropped, and
+memory stays bounded. Events that must have finished before training goes on
+(``on_save``: the files may be rotated later; ``on_train_end``; ``on_exception``)
+first drain the queue and then run on the training thread.
+
+Failures: an exception raised by an integration is reported once with its
+traceback, the integration is disabled, and training continues. In strict mode
+(``TrainingArguments.strict_integrations``) the exception is re-raised on the
+training thread instead, at the next event or drain.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import queue
+import threading
+import traceback
+import weakref
+from typing import Any
+
+from .handler import overridden_events
+
+__all__ = ["QUEUE_CAPACITY", "IntegrationFailure", "Reporter"]
+
+logger = logging.getLogger(__name__)
+
+QUEUE_CAPACITY = 10_000
+#: Events that drain the queue and run on the training thread.
+SYNC_EVENTS = frozenset({"on_init_end", "on_save", "on_train_end", "on_exception", "on_push_begin"})
+_STOP = object()
+_live: weakref.WeakSet[Reporter] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_all() -> None:
+    # Interpreter exit: give every integration its pending logs before the daemon threads die.
+    for reporter in list(_live):
+        reporter.close()
+
+
+class IntegrationFailure:
+    """One integration that failed during a run.
+
+    Args:
+        name: The integration's ``report_to`` name.
+        event: Event that raised.
+        error: The exception.
+        traceback: Formatted traceback.
+    """
+
+    def __init__(self, name: str, event: str, error: BaseException, traceback: str) -> None:
+        self.name = name
+        self.event = event
+        self.error = error
+        self.traceback = traceback
+
+    def __repr__(self) -> str:
+        return f"IntegrationFailure({self.name!r}, {self.event!r}, {self.error!r})"
+
+
+class Reporter:
+    """Dispatch target that runs one integration callback in a background thread.
+
+    Args:
+        callback: The integration callback.
+        name: Its ``report_to`` name (for messages).
+        strict: Re-raise its errors on the training thread instead of disabling it.
+        failures: List that collects an :class:`IntegrationFailure` when it fails.
+        capacity: Queue size (events).
+    """
+
+    def __init__(
+        self,
+        callback: Any,
+        name: str,
+        *,
+        strict: bool = False,
+        failures: list[IntegrationFailure] | None = None,
+        capacity: int = QUEUE_CAPACITY,
+    ) -> None:
+        self.callback = callback
+        self.name = name
+        self.strict = strict
+        self.failures = failures if failures is not None else []
+        self.inline = bool(getattr(callback, "run_inline", False))
+        self.__epochal_events__ = overridden_events(callback)
+        self._queue: queue.Queue[Any] = queue.Queue(capacity)
+        self._thread: threading.Thread | None = None
+        self._failure: IntegrationFailure | None = None
+        self._reported = False
+        self._warned_full = False
+        self.disabled = False
+        for event in self.__epochal_events__:
+            setattr(self, event, self._make_dispatcher(event))
+
+    def _make_dispatcher(self, event: str) -> Any:
+        sync = self.inline or event in SYNC_EVENTS
+
+        def dispatch(args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.disabled:
+                self._check()
+                return None
+            if sync:
+                self.drain()
+                if not self.disabled:
+                    self._run(event, args, state, control, kwargs)
+                self._check()
+                return None
+            self._enqueue(event, args, state, control, kwargs)
+            return None
+
+        return dispatch
+
+    def _enqueue(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        self._check()
+        # Snapshot what the loop mutates, so the worker sees the values of this event.
+        state = copy.copy(state)
+        control = copy.copy(control)
+        for key in ("logs", "metrics"):
+            if kwargs.get(key) is not None:
+                kwargs = {**kwargs, key: dict(kwargs[key])}
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"epochal-{self.name}", daemon=True)
+            self._thread.start()
+            _live.add(self)
+        item = (event, args, state, control, kwargs)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning(
+                    "Integration %r is slower than training: its queue of %d events is full, "
+                    "so training waits for it (no logs are dropped).",
+                    self.name, self._queue.maxsize,
+                )
+            self._queue.put(item)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if not self.disabled:
+                    event, args, state, control, kwargs = item
+                    self._run(event, args, state, control, kwargs)
+            finally:
+                self._queue.task_done()
+
+    def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        try:
+            getattr(self.callback, event)(args, state, control, **kwargs)
+        except Exception as err:
+            self.disabled = True
+            self._failure = IntegrationFailure(self.name, event, err, traceback.format_exc())
+
+    def _check(self) -> None:
+        failure = self._failure
+        if failure is None or self._reported:
+            return
+        self._reported = True
+        self.failures.append(failure)
+        if self.strict:
+            raise failure.error
+        logger.warning(
+            "Integration %r failed in %s and was disabled; training continues.\n%s",
+            failure.name, failure.event, failure.traceback,
+        )
+
+    def drain(self) -> None:
+        """Wait until every queued event has run (re-raises in strict mode)."""
+        if self._thread is not None:
+            self._queue.join()
+        self._check()
+
+    def close(self) -> None:
+        """Drain the queue and stop the worker thread."""
+        if self._thread is not None:
+            self._queue.join()
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        _live.discard(self)

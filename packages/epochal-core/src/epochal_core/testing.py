@@ -1,0 +1,199 @@
+"""Test kit: drive a callback through a realistic scripted run, without a model or data.
+
+Integration packages use :func:`scripted_run` to exercise their callback the way
+the Trainer does (same events, order, kwargs, log keys and flag resets), then
+read back what their SDK wrote and compare it with ``run.state.log_history``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .callback import TrainerCallback
+from .control import TrainerControl
+from .flow import DefaultFlowCallback
+from .handler import CallbackHandler
+from .reporting import IntegrationFailure, Reporter
+from .state import TrainerState
+from .training_args import TrainingArguments
+
+__all__ = ["ScriptedRun", "ScriptedFailure", "scripted_run", "tiny_model"]
+
+
+class ScriptedFailure(RuntimeError):
+    """The error :func:`scripted_run` raises at ``fail_at_step`` to exercise crash handling."""
+
+
+def tiny_model() -> Any:
+    """A two-layer torch model with a ``config`` dict, as trackers see real models."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model.config = {"hidden_size": 8, "num_layers": 2, "activation": "relu"}  # type: ignore[assignment]
+    return model
+
+
+@dataclass
+class ScriptedRun:
+    """What a scripted run did.
+
+    Args:
+        state: Final state; ``state.log_history`` is every log the callback received.
+        events: Events dispatched, in order.
+        checkpoints: Checkpoint folders announced through ``on_save``.
+        failures: Integration failures recorded by the reporter (non-strict mode).
+    """
+
+    state: TrainerState
+    events: list[str] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    failures: list[IntegrationFailure] = field(default_factory=list)
+
+
+def _loss(step: int) -> float:
+    return 2.0 / (step + 1) + 0.01 * (step % 3)
+
+
+def scripted_run(
+    callback: TrainerCallback,
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    max_steps: int = 10,
+    steps_per_epoch: int = 5,
+    logging_steps: int = 2,
+    eval_steps: int = 5,
+    save_steps: int = 5,
+    start_step: int = 0,
+    fail_at_step: int | None = None,
+    through_reporter: bool = True,
+    strict: bool = True,
+    model: Any = None,
+    extra_logs: dict[str, Any] | None = None,
+    args: TrainingArguments | None = None,
+    state: TrainerState | None = None,
+) -> ScriptedRun:
+    """Run ``callback`` through the events of a training run of ``max_steps`` steps.
+
+    Logs carry ``loss``, ``grad_norm``, ``learning_rate`` and ``epoch`` every
+    ``logging_steps``; evaluations ``eval_loss``/``eval_accuracy``/timings every
+    ``eval_steps``; checkpoints are real (empty-weight) folders every
+    ``save_steps``; the run ends with the train-summary log. ``start_step``
+    simulates a resumed run (pass ``state`` from a previous run's checkpoint).
+
+    Args:
+        callback: The callback under test.
+        output_dir: Where checkpoint folders go (a temp dir by default).
+        max_steps: Steps of the run.
+        steps_per_epoch: Steps per epoch.
+        logging_steps: Logging interval.
+        eval_steps: Evaluation interval.
+        save_steps: Checkpoint interval.
+        start_step: First step already done (resume).
+        fail_at_step: Raise :class:`ScriptedFailure` after this step, after
+            emitting ``on_exception`` as the Trainer does.
+        through_reporter: Dispatch through the background :class:`Reporter`
+            integrations get in a real run.
+        strict: Re-raise integration errors (else record them in ``failures``).
+        model: Passed as ``model`` (default :func:`tiny_model`).
+        extra_logs: Extra keys added to every training log (e.g. a non-scalar).
+        args: Arguments to use (default: built from the intervals above).
+        state: State to continue from (resume).
+
+    Raises:
+        ScriptedFailure: When ``fail_at_step`` is reached.
+    """
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="epochal-scripted-"))
+    if args is None:
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=max_steps, logging_steps=logging_steps, eval_strategy="steps",
+            eval_steps=eval_steps, save_steps=save_steps, report_to="none", run_name="scripted-run",
+            disable_tqdm=True,
+        )
+    model = model if model is not None else tiny_model()
+    failures: list[IntegrationFailure] = []
+    target: Any = Reporter(callback, getattr(callback, "name", "callback"), strict=strict, failures=failures) \
+        if through_reporter else None
+    handler = CallbackHandler([DefaultFlowCallback()], model=model)
+    handler.add_callback(callback, target=target)
+    run = ScriptedRun(state or TrainerState(), failures=failures)
+    st = run.state
+    st.max_steps = max_steps
+    st.num_train_epochs = -(-max_steps // steps_per_epoch)
+    st.compute_steps(args, max_steps)
+    control = TrainerControl()
+
+    class _Recorder(TrainerCallback):
+        order = 1000  # after everything, like the progress bar
+
+    for event in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
+                  "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate",
+                  "on_prediction_step", "on_save", "on_epoch_end", "on_train_end", "on_exception"):
+        setattr(_Recorder, event, lambda self, a, s, c, _e=event, **kw: run.events.append(_e))
+    handler.add_callback(_Recorder())
+
+    def log(logs: dict[str, Any]) -> None:
+        nonlocal control
+        logs["epoch"] = st.epoch
+        st.log_history.append({**logs, "step": st.global_step})
+        control = handler.on_log(args, st, control, logs)
+
+    def evaluate() -> None:
+        nonlocal control
+        for _ in range(2):
+            control = handler.on_prediction_step(args, st, control)
+        metrics = {
+            "eval_loss": _loss(st.global_step) + 0.1, "eval_accuracy": min(1.0, 0.5 + st.global_step / 40),
+            "eval_runtime": 0.5, "eval_samples_per_second": 64.0, "eval_steps_per_second": 4.0,
+        }
+        log(dict(metrics))
+        control = handler.on_evaluate(args, st, control, metrics)
+
+    def save() -> None:
+        nonlocal control
+        folder = out / f"checkpoint-{st.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pytorch_model.bin").write_bytes(b"weights")
+        st.save_to_json(str(folder / "trainer_state.json"))
+        run.checkpoints.append(str(folder))
+        control = handler.on_save(args, st, control, checkpoint=folder)
+
+    try:
+        control = handler.on_init_end(args, st, control)
+        control = handler.on_train_begin(args, st, control)
+        st.global_step = start_step
+        while st.global_step < max_steps and not control.should_training_stop:
+            control = handler.on_epoch_begin(args, st, control)
+            for _ in range(steps_per_epoch):
+                if st.global_step >= max_steps:
+                    break
+                control = handler.on_step_begin(args, st, control)
+                control = handler.on_pre_optimizer_step(args, st, control)
+                control = handler.on_optimizer_step(args, st, control)
+                st.global_step += 1
+                st.epoch = st.global_step / steps_per_epoch
+                control = handler.on_step_end(args, st, control)
+                if fail_at_step is not None and st.global_step == fail_at_step:
+                    raise ScriptedFailure(f"scripted failure at step {fail_at_step}")
+                if control.should_log:
+                    log({"loss": _loss(st.global_step), "grad_norm": 0.5, "learning_rate": 1e-3 * (1 - st.global_step / max_steps), **(extra_logs or {})})
+                if control.should_evaluate:
+                    evaluate()
+                if control.should_save:
+                    save()
+                if control.should_training_stop:
+                    break
+            control = handler.on_epoch_end(args, st, control)
+        log({"train_runtime": 1.5, "train_samples_per_second": 100.0, "train_steps_per_second": 6.0,
+             "total_flos": 0.0, "train_loss": 0.7})
+        control = handler.on_train_end(args, st, control)
+    except ScriptedFailure as err:
+        handler.on_exception(args, st, control, exception=err)
+        raise
+    finally:
+        if isinstance(target, Reporter):
+            target.close()
+    return run

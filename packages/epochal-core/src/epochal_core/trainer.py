@@ -1,0 +1,961 @@
+"""The ``Trainer``: a lean PyTorch loop that drives the callback protocol.
+
+Constructor, attributes, events and log keys follow transformers' Trainer, so
+code and callbacks written for it port by changing imports. The model is any
+``torch.nn.Module`` that returns a loss: a tensor, a mapping with ``"loss"``, an
+object with ``.loss``, or a tuple whose first item is the loss (or give
+``compute_loss_func``). A batch that is a mapping is passed as keyword
+arguments (``model(**batch)``), a tuple or list positionally, anything else as
+the single argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint as ckpt
+from .callback import TrainerCallback
+from .control import TrainerControl
+from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
+from .distributed import all_reduce_, any_rank, barrier, dist_info, ensure_process_group
+from .flow import DefaultFlowCallback
+from .handler import CallbackHandler
+from .integrations import IntegrationCallback
+from .preemption import PreemptionGuard
+from .progress import PrinterCallback, ProgressCallback
+from .report_to import resolve_report_to
+from .reporting import IntegrationFailure, Reporter
+from .schedules import get_scheduler
+from .state import TrainerState
+from .training_args import TrainingArguments
+
+__all__ = ["EvalPrediction", "PredictionOutput", "TrainOutput", "Trainer", "set_seed"]
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
+class EvalPrediction(NamedTuple):
+    """What ``compute_metrics`` receives: CPU tensors concatenated over the whole dataset.
+
+    Args:
+        predictions: Model predictions (logits).
+        label_ids: Labels, or ``None`` when the batches carry none.
+    """
+
+    predictions: Any
+    label_ids: Any
+
+
+class PredictionOutput(NamedTuple):
+    """Result of :meth:`Trainer.predict`.
+
+    Args:
+        predictions: Concatenated predictions (CPU tensors).
+        label_ids: Concatenated labels, or ``None``.
+        metrics: ``test_loss`` (when the model returns one), timing and ``compute_metrics`` results.
+    """
+
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float]
+
+
+class TrainOutput(NamedTuple):
+    """Result of :meth:`Trainer.train`.
+
+    Args:
+        global_step: Optimizer updates done in total.
+        training_loss: Mean training loss over the updates of this call.
+        metrics: The final summary log (runtime, throughput, loss).
+    """
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's (if loaded) and torch's generators on every device."""
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _move(v, device) for k, v in batch.items()}) if type(batch) is not dict else {
+            k: _move(v, device) for k, v in batch.items()
+        }
+    if isinstance(batch, (list, tuple)):
+        moved = [_move(v, device) for v in batch]
+        return moved if isinstance(batch, list) else type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    return batch
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        return f"a {type(obj).__name__} with keys {list(obj)}"
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _concat(chunks: list[Any]) -> Any:
+    if not chunks:
+        return None
+    first = chunks[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return torch.stack(chunks)
+        return torch.cat(chunks)
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat([c[i] for c in chunks]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: _concat([c[k] for c in chunks]) for k in first}
+    return chunks
+
+
+def _detach_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach_cpu(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _detach_cpu(v) for k, v in value.items()}
+    return value
+
+
+class Trainer:
+    """Trains, evaluates and checkpoints a PyTorch model, emitting transformers' callback events.
+
+    Args:
+        model: The ``torch.nn.Module`` to train. It is moved to the training device.
+        args: Training arguments; defaults to ``TrainingArguments(output_dir="trainer_output")``.
+        data_collator: Turns a list of samples into a batch; default: torch's ``default_collate``.
+        train_dataset: A map-style ``Dataset`` (or any sized, indexable sequence), or an iterable
+            (then ``max_steps`` is required).
+        eval_dataset: Dataset for evaluation, or a dict of them (metrics prefixed per name).
+        processing_class: Tokenizer or processor; only passed to callbacks.
+        compute_metrics: ``EvalPrediction -> dict`` of extra metrics (predictions are gathered only if set).
+        callbacks: Extra callbacks (instances or classes), after the integrations.
+        optimizers: ``(optimizer, scheduler)``; either may be ``None`` to get AdamW / the
+            ``lr_scheduler_type`` schedule.
+        compute_loss_func: ``(outputs, labels, num_items_in_batch=None) -> loss``; labels are
+            taken out of a mapping batch before the forward pass.
+        preprocess_logits_for_metrics: ``(logits, labels) -> logits`` applied per evaluation batch.
+
+    Raises:
+        ValueError: An inconsistent setup (evaluation without an eval dataset, fp16 on
+            a device without it, an unknown ``report_to`` name, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
+        train_dataset: Dataset[Any] | Iterable[Any] | None = None,
+        eval_dataset: Dataset[Any] | Iterable[Any] | Mapping[str, Any] | None = None,
+        processing_class: Any = None,
+        compute_metrics: Callable[[EvalPrediction], Mapping[str, float]] | None = None,
+        callbacks: list[Any] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+            logger.info("No `TrainingArguments` passed, using `output_dir=%s`.", args.output_dir)
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}.")
+        if model is None or not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.args = args
+        self.dist = dist_info()
+        self.device = self._select_device()
+        self._check_precision()
+        self.is_distributed = ensure_process_group(args.ddp_backend, args.ddp_timeout, self.device)
+        set_seed(args.seed)
+        if args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(
+                f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset: "
+                "pass eval_dataset=... to the Trainer, or set eval_strategy='no'."
+            )
+        optimizer, lr_scheduler = optimizers
+        self.model = model.to(self.device)
+        self.model_wrapped: nn.Module = self.model
+        self.data_collator = data_collator
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.processing_class = processing_class
+        self.compute_metrics = compute_metrics
+        self.compute_loss_func = compute_loss_func
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scaler: torch.amp.GradScaler | None = None
+        #: Integrations that failed (and were disabled) during the runs of this Trainer.
+        self.integration_failures: list[IntegrationFailure] = []
+        #: Set when the last ``train()`` stopped because of SIGTERM/SIGINT.
+        self.preempted = False
+        self._reporters: list[Reporter] = []
+        self.callback_handler = CallbackHandler(
+            [DefaultFlowCallback()], self.model, processing_class, optimizer, lr_scheduler
+        )
+        for name, integration in self._build_integrations():
+            self.add_callback(integration, _name=name)
+        for cb in callbacks or []:
+            self.add_callback(cb)
+        self.callback_handler.add_callback(PrinterCallback() if args.disable_tqdm else ProgressCallback())
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
+        )
+        self.control = TrainerControl()
+        self._to_host_calls = 0
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # -- setup ---------------------------------------------------------------------
+    def _select_device(self) -> torch.device:
+        if not self.args.use_cpu and torch.cuda.is_available():
+            return torch.device("cuda", self.dist.local_rank if self.dist.enabled else torch.cuda.current_device())
+        if not self.args.use_cpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    def _check_precision(self) -> None:
+        if self.args.fp16 and self.device.type != "cuda":
+            raise ValueError(
+                f"TrainingArguments.fp16=True is invalid on device {self.device.type!r}: float16 training "
+                "needs CUDA. Use bf16=True on this device, or train in float32."
+            )
+        if self.args.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                "TrainingArguments.bf16=True is invalid: this GPU does not support bfloat16. Use fp16=True instead."
+            )
+
+    def _build_integrations(self) -> list[tuple[str, Any]]:
+        built = []
+        for name, cls, explicit in resolve_report_to(self.args.report_to):  # type: ignore[arg-type]
+            problem = cls.configuration_problem() if hasattr(cls, "configuration_problem") else None
+            if problem and not explicit:
+                logger.warning("report_to='all': skipping %r: %s", name, problem)
+                continue
+            try:
+                built.append((name, cls()))
+            except Exception as err:
+                if explicit:
+                    raise
+                logger.warning("report_to='all': skipping %r, it failed to start: %s", name, err)
+        return built
+
+    def add_callback(self, callback: Any, *, _name: str | None = None) -> None:
+        """Append a callback (instance or class). Integrations run off the training thread."""
+        cb = callback() if isinstance(callback, type) else callback
+        target = None
+        if _name is not None or isinstance(cb, IntegrationCallback):
+            name = _name or getattr(cb, "name", "") or type(cb).__name__
+            target = Reporter(
+                cb, name, strict=bool(self.args.strict_integrations), failures=self.integration_failures
+            )
+            self._reporters.append(target)
+        self.callback_handler.add_callback(cb, target=target)
+
+    def pop_callback(self, callback: Any) -> Any:
+        """Remove and return the first callback of that class (or that instance); ``None`` if absent."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        """Remove the first callback of that class (or that instance); never raises."""
+        self.callback_handler.remove_callback(callback)
+
+    def is_local_process_zero(self) -> bool:
+        """Whether this process is rank 0 on its node."""
+        return self.dist.local_rank == 0
+
+    def is_world_process_zero(self) -> bool:
+        """Whether this process is rank 0 of the job."""
+        return self.dist.rank == 0
+
+    # -- data ----------------------------------------------------------------------------
+    def _make_loader(self, dataset: Any, batch_size: int, *, train: bool) -> Iterable[Any]:
+        args = self.args
+        pin = args.dataloader_pin_memory and self.device.type == "cuda"
+        if is_iterable_dataset(dataset):
+            return DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                num_workers=args.dataloader_num_workers, pin_memory=pin,
+            )
+        sampler = EpochBatchSampler(
+            len(dataset), batch_size, shuffle=train,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            drop_last=args.dataloader_drop_last and train,
+            rank=self.dist.rank, world_size=self.dist.world_size, pad_shards=train,
+        )
+        if supports_batch_indexing(dataset, self.data_collator, args.dataloader_num_workers):
+            return TensorBatchLoader(dataset, sampler)
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=pin,
+        )
+
+    def get_train_dataloader(self) -> Iterable[Any]:
+        """The training batches: seeded per epoch, sharded across ranks, resumable."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset: pass train_dataset=... to the Trainer.")
+        return self._make_loader(self.train_dataset, self.args.per_device_train_batch_size, train=True)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Iterable[Any]:
+        """The evaluation batches, in order, sharded across ranks without padding."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Evaluation needs an eval_dataset: pass one to the Trainer or to evaluate().")
+        return self._make_loader(dataset, self.args.per_device_eval_batch_size, train=False)
+
+    def get_test_dataloader(self, test_dataset: Any) -> Iterable[Any]:
+        """The prediction batches, in order."""
+        return self._make_loader(test_dataset, self.args.per_device_eval_batch_size, train=False)
+
+    # -- optimisation --------------------------------------------------------------------
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with weight decay on matrices only (biases and norm weights are not decayed).
+
+        Fused on CUDA, which also lets a non-finite step be skipped without a device sync.
+        """
+        if self.optimizer is None:
+            args = self.args
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                fused=self.device.type == "cuda",
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The ``lr_scheduler_type`` schedule with warmup, unless one was given."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type, optimizer or self.optimizer,  # type: ignore[arg-type]
+                self.args.get_warmup_steps(num_training_steps), num_training_steps,
+            )
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """Create the optimizer and the schedule (kept if given in ``optimizers``)."""
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.args.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.args.fp16:
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # -- forward / loss ---------------------------------------------------------------------
+    def _forward(self, model: nn.Module, inputs: Any) -> Any:
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (list, tuple)):
+            return model(*inputs)
+        return model(inputs)
+
+    def _labels(self, inputs: Any, pop: bool) -> Any:
+        if isinstance(inputs, Mapping):
+            for name in self.args.label_names or ("labels",):
+                if name in inputs:
+                    return inputs.pop(name) if pop else inputs[name]
+            return None
+        if isinstance(inputs, (list, tuple)) and len(inputs) >= 2:
+            return inputs[-1]
+        return None
+
+    @staticmethod
+    def _extract_loss(outputs: Any) -> torch.Tensor | None:
+        if isinstance(outputs, torch.Tensor):
+            return outputs
+        if isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        elif isinstance(outputs, (list, tuple)) and outputs and isinstance(outputs[0], torch.Tensor):
+            loss = outputs[0] if outputs[0].dim() == 0 else None
+        else:
+            loss = getattr(outputs, "loss", None)
+        return loss if isinstance(loss, torch.Tensor) else None
+
+    def compute_loss(
+        self, model: nn.Module, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """Run the model on ``inputs`` and return its loss (and outputs if asked).
+
+        Raises:
+            ValueError: The model returned no loss; the message says what it returned.
+        """
+        if self.compute_loss_func is not None:
+            if isinstance(inputs, Mapping):
+                inputs = dict(inputs)
+            labels = self._labels(inputs, pop=True)
+            if isinstance(inputs, (list, tuple)) and len(inputs) >= 2:
+                inputs = inputs[:-1]
+            outputs = self._forward(model, inputs)
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        else:
+            outputs = self._forward(model, inputs)
+            loss = self._extract_loss(outputs)
+            if loss is None:
+                raise ValueError(
+                    f"The model did not return a loss: forward returned {_describe(outputs)}. Return a scalar "
+                    "tensor, a dict with 'loss', an object with .loss, or a tuple starting with the loss; "
+                    "or pass compute_loss_func=... to the Trainer."
+                )
+        if loss.dim() != 0:
+            raise ValueError(
+                f"The loss must be a scalar tensor, got shape {tuple(loss.shape)}: reduce it (e.g. .mean())."
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: Any, num_micro_batches: int = 1) -> torch.Tensor:
+        """Forward and backward one micro-batch; return the detached loss scaled by ``1/num_micro_batches``."""
+        inputs = _move(inputs, self.device)
+        with self._autocast():
+            loss = self.compute_loss(model, inputs)
+        loss = loss / num_micro_batches
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        return loss.detach()
+
+    def _to_host(self, tensor: torch.Tensor) -> list[float]:
+        # The only place training reads values from the device; counted so tests
+        # can prove it happens once per log, never per step.
+        self._to_host_calls += 1
+        return tensor.detach().float().reshape(-1).tolist()
+
+    # -- training ------------------------------------------------------------------------------
+    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None) -> Path | None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            found = ckpt.latest_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir!r} holds no complete checkpoint. "
+                    "Pass a checkpoint folder, or train from scratch with resume_from_checkpoint=None."
+                )
+            return found
+        path = Path(resume_from_checkpoint)
+        if not ckpt.is_complete(path):
+            raise ValueError(
+                f"resume_from_checkpoint={os.fspath(path)!r} is not a complete checkpoint (missing folder, "
+                f"or no valid {ckpt.COMMIT_MARKER} manifest: the save was interrupted). "
+                "Use resume_from_checkpoint=True to pick the newest complete one."
+            )
+        return path
+
+    def train(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None = None) -> TrainOutput:
+        """Train the model.
+
+        Args:
+            resume_from_checkpoint: ``True`` resumes from the newest complete checkpoint
+                in ``output_dir``; a path resumes from that checkpoint. Weights,
+                optimizer, schedule, scaler, RNG streams, data position and
+                callback states are restored. A run a callback stopped early stays
+                stopped; a run that reached ``max_steps`` can be extended.
+
+        Returns:
+            ``TrainOutput(global_step, training_loss, metrics)``.
+        """
+        checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        set_seed(self.args.seed)
+        self.preempted = False
+        with PreemptionGuard(self.args.save_on_preemption) as guard:
+            self._preemption = guard
+            try:
+                return self._inner_training_loop(checkpoint)
+            except BaseException as err:
+                self._finalize_failure(err)
+                raise
+
+    def _finalize_failure(self, err: BaseException) -> None:
+        # Every callback hears about the crash (integrations mark their runs
+        # failed and flush); handler errors are logged, never mask `err`.
+        self.callback_handler.on_exception(self.args, self.state, self.control, exception=err)
+        for reporter in self._reporters:
+            with contextlib.suppress(Exception):
+                reporter.drain()
+
+    def _wrap_model(self) -> nn.Module:
+        if not self.is_distributed:
+            return self.model
+        if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
+            return self.model_wrapped
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=device_ids,
+            find_unused_parameters=bool(self.args.ddp_find_unused_parameters),
+        )
+
+    def _inner_training_loop(self, checkpoint: Path | None) -> TrainOutput:
+        args = self.args
+        ga = args.gradient_accumulation_steps
+        train_dataloader = self.get_train_dataloader()
+        len_dl = len(train_dataloader) if has_length(train_dataloader) else None  # type: ignore[arg-type]
+        if len_dl is not None:
+            if len_dl == 0:
+                raise ValueError(
+                    "train_dataset yields no batch: it is empty, or smaller than per_device_train_batch_size="
+                    f"{args.per_device_train_batch_size} with dataloader_drop_last=True."
+                )
+            updates_per_epoch = max(len_dl // ga + int(len_dl % ga > 0), 1)
+            if args.max_steps > 0:
+                max_steps = args.max_steps
+                num_train_epochs = max_steps // updates_per_epoch + int(max_steps % updates_per_epoch > 0)
+            else:
+                max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
+                num_train_epochs = math.ceil(args.num_train_epochs)
+            steps_in_epoch = len_dl
+        elif args.max_steps > 0:
+            max_steps = args.max_steps
+            num_train_epochs = sys.maxsize
+            updates_per_epoch = max_steps
+            steps_in_epoch = max_steps * ga
+        else:
+            raise ValueError(
+                f"TrainingArguments.max_steps={args.max_steps} is invalid: the train_dataset has no length, "
+                "so set max_steps > 0."
+            )
+
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
+        )
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.compute_steps(args, max_steps)
+        self.create_optimizer_and_scheduler(max_steps)
+        if args.fp16 and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        model = self.model_wrapped = self._wrap_model()
+
+        if checkpoint is not None:
+            restored_control = ckpt.load_training_checkpoint(self, checkpoint)
+            if (
+                restored_control is not None
+                and restored_control.should_training_stop
+                and self.state.global_step < self.state.max_steps
+            ):
+                logger.warning(
+                    "The checkpoint %s was saved by a run a callback stopped early at step %d; it stays stopped. "
+                    "Train from scratch, or resume with restore_callback_states_from_checkpoint=False to continue.",
+                    checkpoint, self.state.global_step,
+                )
+                return TrainOutput(self.state.global_step, 0.0, {})
+        self.state.compute_steps(args, max_steps)
+        epochs_trained = self.state.global_step // updates_per_epoch
+        steps_to_skip = 0 if args.ignore_data_skip else (self.state.global_step % updates_per_epoch) * ga
+
+        handler = self.callback_handler
+        handler.model = self.model
+        handler.optimizer = self.optimizer
+        handler.lr_scheduler = self.lr_scheduler
+        handler.train_dataloader = train_dataloader
+        self.state.init_training_references(self, max_steps, num_train_epochs)
+
+        start_time = time.perf_counter()
+        start_step = self.state.global_step
+        self._tr_loss = torch.zeros((), device=self.device)
+        self._skipped = torch.zeros((), device=self.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = self.state.global_step
+        self._last_saved_step = self.state.global_step if checkpoint is not None else -1
+        grad_norm: torch.Tensor | None = None
+        learning_rate = 0.0
+        model.train()
+        model.zero_grad(set_to_none=True)
+        self.control = handler.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start:
+            self._evaluate()
+
+        sampler = getattr(train_dataloader, "batch_sampler", None)
+        policy = args.nonfinite_policy
+        sync_free_guard = policy == "skip" and self.device.type == "cuda" and getattr(
+            self.optimizer, "defaults", {}
+        ).get("fused", False)
+        clip = args.max_grad_norm > 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for epoch in range(epochs_trained, num_train_epochs):
+            skip = steps_to_skip if epoch == epochs_trained else 0
+            if isinstance(sampler, EpochBatchSampler):
+                sampler.set_epoch(epoch, skip)
+            elif skip:
+                logger.warning("Resuming inside an epoch of an iterable dataset: the skipped batches are re-read.")
+            self.control = handler.on_epoch_begin(args, self.state, self.control)
+            iterator = iter(train_dataloader)
+            if skip and not isinstance(sampler, EpochBatchSampler):
+                for _ in range(skip):
+                    next(iterator, None)
+            step = skip - 1
+            update_loss = self._tr_loss.new_zeros(())
+            num_micro = ga
+            for inputs in iterator:
+                step += 1
+                if step % ga == 0:
+                    self.control = handler.on_step_begin(args, self.state, self.control)
+                    num_micro = min(ga, steps_in_epoch - step) if len_dl is not None else ga
+                    update_loss.zero_()
+                is_update = (step + 1) % ga == 0 or step + 1 == steps_in_epoch
+                no_sync = (
+                    model.no_sync()  # type: ignore[operator]
+                    if self.is_distributed and not is_update
+                    else contextlib.nullcontext()
+                )
+                with no_sync:
+                    update_loss += self.training_step(model, inputs, num_micro)
+                if not is_update:
+                    self.control = handler.on_substep_end(args, self.state, self.control)
+                else:
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
+                    if clip:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    skip_update = False
+                    if policy != "off":
+                        bad = ~torch.isfinite(update_loss)
+                        if grad_norm is not None:
+                            bad = bad | ~torch.isfinite(grad_norm)
+                        if sync_free_guard and self.scaler is None:
+                            # Fused AdamW skips the update on the device when found_inf is set:
+                            # no host sync; the skip is counted and reported at the next log.
+                            self.optimizer.found_inf = bad.float()  # type: ignore[union-attr]
+                            self._skipped += bad
+                            update_loss = torch.where(bad, torch.zeros_like(update_loss), update_loss)
+                        elif bool(bad):
+                            skip_update = True
+                            self._skipped += 1
+                            self._on_nonfinite(update_loss, grad_norm)
+                    self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
+                    if not skip_update:
+                        if self.scaler is not None:
+                            self.scaler.step(self.optimizer)  # type: ignore[arg-type]
+                            self.scaler.update()
+                        else:
+                            self.optimizer.step()  # type: ignore[union-attr]
+                        self._tr_loss += update_loss
+                    self.control = handler.on_optimizer_step(args, self.state, self.control)
+                    learning_rate = self.lr_scheduler.get_last_lr()[0]
+                    self.lr_scheduler.step()
+                    model.zero_grad(set_to_none=True)
+                    self.state.global_step += 1
+                    self.state.epoch = epoch + (step + 1) / steps_in_epoch
+                    self.control = handler.on_step_end(args, self.state, self.control)
+                    if self._preemption_requested():
+                        # Save as an ordinary checkpoint (not a "stopped" one), then stop.
+                        self.preempted = True
+                        self.control.should_save = True
+                    self._maybe_log_save_evaluate(grad_norm, learning_rate)
+                    if self.preempted:
+                        self.control.should_training_stop = True
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            if step < skip:
+                logger.warning("The training dataloader yielded no batch in epoch %d; stopping.", epoch)
+                self.control.should_training_stop = True
+            self.control = handler.on_epoch_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate(grad_norm, learning_rate)
+            if self.control.should_training_stop:
+                break
+
+        if (
+            self.control.should_training_stop
+            and not self.preempted
+            and self.state.global_step < max_steps
+            and args.save_strategy in ("steps", "epoch")
+            and self._last_saved_step != self.state.global_step
+        ):
+            # A callback stopped the run early: save it, so resuming knows it is finished.
+            self.control.should_save = True
+            self._maybe_log_save_evaluate(grad_norm, learning_rate)
+        if args.load_best_model_at_end and self.state.best_model_checkpoint and not self.preempted:
+            barrier()
+            self._load_best_model()
+        remaining = self._to_host(self._tr_loss)[0]
+        self._total_loss_scalar += remaining
+        steps_done = self.state.global_step - start_step
+        runtime = time.perf_counter() - start_time
+        metrics: dict[str, float] = {
+            "train_runtime": runtime,
+            "train_samples_per_second": steps_done * args.per_device_train_batch_size * ga * self.dist.world_size
+            / runtime if runtime > 0 else 0.0,
+            "train_steps_per_second": steps_done / runtime if runtime > 0 else 0.0,
+            "total_flos": float(self.state.total_flos),
+            "train_loss": self._total_loss_scalar / max(steps_done, 1),
+        }
+        self.log(metrics)
+        self.control = handler.on_train_end(args, self.state, self.control)
+        for reporter in self._reporters:
+            reporter.drain()
+        if self.integration_failures:
+            logger.warning(
+                "Training finished, but these integrations failed and were disabled: %s",
+                ", ".join(f"{f.name} ({f.event}: {f.error!r})" for f in self.integration_failures),
+            )
+        if self.preempted:
+            logger.warning(
+                "Training stopped at step %d because of %s; the checkpoint in %s resumes it "
+                "(train(resume_from_checkpoint=True)).",
+                self.state.global_step, self._preemption.requested, args.output_dir,
+            )
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _preemption_requested(self) -> bool:
+        guard = getattr(self, "_preemption", None)
+        requested = guard is not None and guard.requested is not None
+        if self.is_distributed and self.args.save_on_preemption:
+            # One rank's signal stops all ranks at the same step.
+            return any_rank(requested, self.device)
+        return requested
+
+    def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
+        if self.args.nonfinite_policy == "stop":
+            logger.error("Non-finite values at step %d (%s): the update was skipped and training stops.",
+                         self.state.global_step + 1, what)
+            self.control.should_training_stop = True
+        else:
+            logger.warning("Non-finite values at step %d (%s): the update was skipped.", self.state.global_step + 1, what)
+        self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+
+    def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float) -> None:
+        control = self.control
+        if control.should_log and self.state.global_step > self._globalstep_last_logged:
+            parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
+            stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
+            if self.is_distributed:
+                all_reduce_(stacked)
+                stacked[0] /= self.dist.world_size
+                if grad_norm is not None:
+                    stacked[2] /= self.dist.world_size
+            values = self._to_host(stacked)
+            self._tr_loss.zero_()
+            skipped = int(values[1])
+            self._skipped.zero_()
+            steps = self.state.global_step - self._globalstep_last_logged
+            logs: dict[str, float] = {"loss": values[0] / max(steps - skipped, 1)}
+            if grad_norm is not None:
+                logs["grad_norm"] = values[2]
+            logs["learning_rate"] = learning_rate
+            if skipped:
+                logs["nonfinite_steps_skipped"] = skipped
+            self._total_loss_scalar += values[0]
+            self._globalstep_last_logged = self.state.global_step
+            self.log(logs)
+        if control.should_evaluate:
+            metrics = self._evaluate()
+            is_new_best = self._determine_best_metric(metrics)
+            if self.args.save_strategy == "best":
+                self.control.should_save = is_new_best
+        if self.control.should_save:
+            path = ckpt.save_training_checkpoint(self)
+            self._last_saved_step = self.state.global_step
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control, checkpoint=path)
+
+    def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
+        name = self.args.metric_for_best_model
+        if name is None:
+            return False
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"TrainingArguments.metric_for_best_model={name!r}: the evaluation returned no {key!r}. "
+                f"Available: {sorted(metrics)}."
+            )
+        value = float(metrics[key])
+        best = self.state.best_metric
+        better = best is None or (value > best if self.args.greater_is_better else value < best)
+        if better:
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+        return better
+
+    def _load_best_model(self) -> None:
+        path = Path(self.state.best_model_checkpoint or "")
+        logger.info("Loading best model from %s (score: %s).", path, self.state.best_metric)
+        self.model.load_state_dict(ckpt.load_file(path / WEIGHTS_NAME, map_location=self.device))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record ``logs`` (plus ``epoch``) in ``state.log_history`` and emit ``on_log``.
+
+        Values are never rounded: loggers receive them exactly.
+        """
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        return metrics
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Evaluate and return metrics prefixed ``<metric_key_prefix>_`` (``eval_loss``, ...).
+
+        A dict of datasets evaluates each under ``<prefix>_<name>``. Emits
+        ``on_prediction_step`` per batch, then ``on_log`` and ``on_evaluate``.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, Mapping):
+            merged: dict[str, float] = {}
+            for name, ds in dataset.items():
+                merged.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return merged
+        dataloader = self.get_eval_dataloader(dataset)
+        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None)
+        self.log(output.metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        return output.metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Predict on ``test_dataset``; emits ``on_prediction_step`` per batch and ``on_predict`` (no ``on_log``)."""
+        dataloader = self.get_test_dataloader(test_dataset)
+        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        return output
+
+    def prediction_step(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor | None, Any, Any]:
+        """Return ``(loss, predictions, labels)`` for one batch, without gradients."""
+        inputs = _move(inputs, self.device)
+        labels = self._labels(inputs, pop=False)
+        with torch.no_grad(), self._autocast():
+            if self.compute_loss_func is not None and labels is not None:
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            else:
+                outputs = self._forward(model, inputs)
+                loss = self._extract_loss(outputs)
+        if isinstance(outputs, torch.Tensor):
+            predictions = None if outputs.dim() == 0 else outputs
+        elif isinstance(outputs, Mapping):
+            rest = {k: v for k, v in outputs.items() if k != "loss"}
+            predictions = rest.get("logits", next(iter(rest.values()), None) if len(rest) == 1 else rest or None)
+        elif isinstance(outputs, (list, tuple)):
+            rest = list(outputs[1:] if loss is not None and outputs and outputs[0] is loss else outputs)
+            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None
+        else:
+            predictions = getattr(outputs, "logits", None)
+        return loss, predictions, labels
+
+    def _prediction_loop(self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool) -> PredictionOutput:
+        handler = self.callback_handler
+        handler.eval_dataloader = dataloader
+        model = self.model
+        was_training = model.training
+        model.eval()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        has_loss = False
+        preds: list[Any] = []
+        labels: list[Any] = []
+        batches = 0
+        try:
+            for inputs in dataloader:
+                loss, logits, label = self.prediction_step(model, inputs)
+                size = self._batch_size(inputs)
+                if loss is not None:
+                    has_loss = True
+                    loss_sum += loss.detach().double() * size
+                    count += size
+                if need_predictions and not self.args.prediction_loss_only:
+                    if self.preprocess_logits_for_metrics is not None and logits is not None:
+                        logits = self.preprocess_logits_for_metrics(logits, label)
+                    if logits is not None:
+                        preds.append(_detach_cpu(logits))
+                    if label is not None:
+                        labels.append(_detach_cpu(label))
+                batches += 1
+                self.control = handler.on_prediction_step(self.args, self.state, self.control)
+        finally:
+            model.train(was_training)
+        if self.is_distributed:
+            totals = torch.stack([loss_sum, count, torch.tensor(float(has_loss), device=self.device).double()])
+            all_reduce_(totals)
+            loss_sum, count, has_loss = totals[0], totals[1], bool(totals[2] > 0)
+            if need_predictions:
+                preds, labels = self._gather_objects(preds), self._gather_objects(labels)
+        predictions = _concat(preds)
+        label_ids = _concat(labels)
+        metrics: dict[str, float] = {}
+        if has_loss:
+            metrics[f"{prefix}_loss"] = self._to_host(loss_sum / count.clamp(min=1))[0]
+        if self.compute_metrics is not None and predictions is not None:
+            extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
+            for key, value in dict(extra).items():
+                metrics[key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"] = value
+        runtime = time.perf_counter() - start
+        num_samples = float(count.item()) if has_loss else float(batches)
+        metrics[f"{prefix}_runtime"] = runtime
+        metrics[f"{prefix}_samples_per_second"] = num_samples / runtime if runtime > 0 else 0.0
+        metrics[f"{prefix}_steps_per_second"] = batches / runtime if runtime > 0 else 0.0
+        return PredictionOutput(predictions, label_ids, metrics)
+
+    def _gather_objects(self, chunks: list[Any]) -> list[Any]:
+        gathered: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(gathered, chunks)
+        # Evaluation shards are contiguous blocks in rank order, so concatenating keeps dataset order.
+        return [c for part in gathered for c in part]
+
+    @staticmethod
+    def _batch_size(inputs: Any) -> int:
+        if isinstance(inputs, torch.Tensor):
+            return int(inputs.shape[0]) if inputs.dim() else 1
+        values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, (list, tuple)) else []
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.dim():
+                return int(value.shape[0])
+        return 1
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Save the model's weights (``pytorch_model.bin``) atomically, on world rank zero."""
+        if not self.is_world_process_zero():
+            return
+        target = Path(output_dir or self.args.output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{WEIGHTS_NAME}.tmp"
+        ckpt.save_file(self.model.state_dict(), tmp)
+        os.replace(tmp, target / WEIGHTS_NAME)
+
+    def save_state(self) -> None:
+        """Write ``trainer_state.json`` into ``output_dir`` (world rank zero)."""
+        if self.is_world_process_zero():
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+
+
+# Keep TrainerCallback importable from here too (transformers users do `from ...trainer import ...`).
+_ = TrainerCallback
