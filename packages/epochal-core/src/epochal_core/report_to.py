@@ -78,6 +78,28 @@ class IntegrationInfo:
         """Import and return the callback class."""
         return EntryPoint(self.name, self.value, ENTRY_POINT_GROUP).load()  # type: ignore[no-any-return]
 
+    def sdk_status(self) -> str:
+        """The SDK requirements of the distribution and their installed versions, from metadata only."""
+        import re
+        from importlib.metadata import PackageNotFoundError, distribution, version
+
+        try:
+            requires = distribution(self.distribution).requires or []
+        except PackageNotFoundError:
+            return "?"
+        parts = []
+        for req in requires:
+            if "extra ==" in req:
+                continue
+            name = re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0]
+            if name.startswith("epochal"):
+                continue
+            try:
+                parts.append(f"{name} {version(name)}")
+            except PackageNotFoundError:
+                parts.append(f"{name} MISSING")
+        return ", ".join(parts) or "-"
+
     def importable(self) -> bool:
         """Whether the integration module can be found, without importing it."""
         try:
