@@ -291,7 +291,7 @@ def generate(
 
 
 class _TimeBudget(TrainerCallback):
-    """Stops training after ``seconds``, evaluating once more so the last loss is current."""
+    """Stops training after ``seconds``, logging and evaluating once more so the last losses are current."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -304,6 +304,7 @@ class _TimeBudget(TrainerCallback):
         if time.monotonic() - self.start >= self.seconds and state.global_step < state.max_steps:
             control.should_training_stop = True
             control.should_evaluate = True
+            control.should_log = True
         return control
 
 

@@ -312,9 +312,12 @@ class Trainer:
         )
         if supports_batch_indexing(dataset, self.data_collator, args.dataloader_num_workers):
             return TensorBatchLoader(dataset, sampler)
+        # A private generator: creating an iterator then draws worker seeds from it, not from
+        # the global RNG, so a resumed run's dropout stream matches an uninterrupted one.
+        generator = torch.Generator().manual_seed(sampler.seed)
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers, pin_memory=pin,
+            num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator,
         )
 
     def get_train_dataloader(self) -> Iterable[Any]:

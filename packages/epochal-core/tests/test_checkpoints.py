@@ -1,0 +1,285 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_core import DictDataset, TinyRegressor
+
+from epochal_core import EarlyStoppingCallback, ExportableState, Trainer, TrainerCallback, TrainingArguments
+from epochal_core.checkpoint import COMMIT_MARKER, CheckpointError, is_complete, latest_checkpoint
+
+TESTS = str(Path(__file__).parent)
+
+
+def make_args(out, **kw):
+    base = dict(output_dir=str(out), report_to="none", disable_tqdm=True, learning_rate=0.05,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1, save_steps=5,
+                max_steps=12, seed=7)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def run(out, resume=None, callbacks=None, **kw):
+    torch.manual_seed(0)
+    trainer = Trainer(TinyRegressor(dropout=0.2), make_args(out, **kw), train_dataset=DictDataset(40),
+                      callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def comparable(history):
+    skip = ("runtime", "per_second")
+    return [{k: v for k, v in h.items() if not any(s in k for s in skip)} for h in history[:-1]]
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resume_is_bit_identical_mid_epoch_with_accumulation_and_shuffling(tmp_path):
+    straight = run(tmp_path / "a")
+    # 40 samples / batch 4 / accumulation 2 = 5 updates per epoch; crash at 7, resume from checkpoint-5.
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", callbacks=[CrashAt(7)])
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.state.global_step == 12
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for key in sa:
+        for name in sa[key]:
+            assert torch.equal(torch.as_tensor(sa[key][name]), torch.as_tensor(sb[key][name]))
+    assert straight.lr_scheduler.state_dict() == resumed.lr_scheduler.state_dict()
+    assert comparable(straight.state.log_history) == comparable(resumed.state.log_history)
+
+
+def test_resume_mid_epoch_with_dataloader_path(tmp_path):
+    kw = dict(max_steps=7, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=3)
+    straight = run(tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", callbacks=[CrashAt(4)], **kw)
+    resumed = run(tmp_path / "b", resume=True, **kw)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_ignores_and_reports_incomplete_checkpoints(tmp_path, caplog):
+    out = tmp_path / "out"
+    run(out, max_steps=5)
+    broken = out / "checkpoint-9"
+    broken.mkdir()
+    (broken / "pytorch_model.bin").write_bytes(b"half")
+    (out / ".tmp-checkpoint-10-w").mkdir()
+    truncated = out / "checkpoint-7"
+    (out / "checkpoint-5").rename(truncated)  # a valid-looking folder whose file is then cut short
+    manifest = json.loads((truncated / COMMIT_MARKER).read_text())
+    assert manifest["files"]
+    with open(truncated / "optimizer.pt", "r+b") as f:
+        f.truncate(10)
+    assert not is_complete(truncated) and not is_complete(broken)
+    run(out, max_steps=5, save_steps=2)  # fresh checkpoints 2, 4, 5 next to the broken ones
+    assert latest_checkpoint(out).name == "checkpoint-5"
+    assert "Ignoring incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
+
+
+def test_tampered_checkpoint_fails_safely_naming_the_file(tmp_path):
+    out = tmp_path / "out"
+    run(out, max_steps=5)
+    ckpt = out / "checkpoint-5"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"state": Evil()}, ckpt / "optimizer.pt")
+    manifest = json.loads((ckpt / COMMIT_MARKER).read_text())
+    manifest["files"]["optimizer.pt"] = (ckpt / "optimizer.pt").stat().st_size
+    (ckpt / COMMIT_MARKER).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt.*cannot be loaded safely"):
+        run(out, resume=str(ckpt))
+    assert not (tmp_path / "pwned").exists()
+
+
+class Counter(TrainerCallback, ExportableState):
+    def __init__(self, tag="x"):
+        self.tag = tag
+        self.count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1 if self.tag == "a" else 10
+
+    def state(self):
+        return {"args": {"tag": self.tag}, "attributes": {"count": self.count}}
+
+
+class Tracked(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, **kwargs):
+        self.seen.append(state.global_step)
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, data):
+        self.seen = list(data["seen"])
+
+
+def test_callback_states_are_restored_per_instance_in_order(tmp_path):
+    out = tmp_path / "out"
+    run(out, max_steps=5, callbacks=[Counter("a"), Counter("b"), Tracked()])
+    saved = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["Counter"] == [{"args": {"tag": "a"}, "attributes": {"count": 5}},
+                                {"args": {"tag": "b"}, "attributes": {"count": 50}}]
+    assert saved["Tracked"] == {"state_dict": {"seen": [1, 2, 3, 4, 5]}}  # saved before the summary log
+    a, b, tracked = Counter("a"), Counter("b"), Tracked()
+    trainer = run(out, resume=True, max_steps=7, callbacks=[a, b, tracked])
+    assert (a.count, b.count) == (7, 70)
+    assert tracked.seen == [1, 2, 3, 4, 5, 6, 7, 7]
+    assert [type(cb).__name__ for cb in trainer.callback_handler.callbacks][1:4] == ["Counter", "Counter", "Tracked"]
+
+
+class StopAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            control.should_training_stop = True
+
+
+def test_stopped_run_stays_stopped_and_finished_run_can_be_extended(tmp_path):
+    stopped = tmp_path / "stopped"
+    run(stopped, max_steps=10, save_steps=5, callbacks=[StopAt()])
+    assert latest_checkpoint(stopped).name == "checkpoint-3"  # the early stop was saved
+    again = run(stopped, resume=True, max_steps=10, save_steps=5)
+    assert again.state.global_step == 3
+    finished = tmp_path / "finished"
+    run(finished, max_steps=5)
+    extended = run(finished, resume=True, max_steps=8)
+    assert extended.state.global_step == 8
+
+
+def test_early_stopping_patience_survives_resume(tmp_path):
+    cb = EarlyStoppingCallback(early_stopping_patience=5)
+    out = tmp_path / "out"
+    trainer = Trainer(TinyRegressor(), make_args(out, max_steps=4, eval_strategy="steps", eval_steps=1, save_steps=4,
+                                                 metric_for_best_model="loss", learning_rate=0.0),
+                      train_dataset=DictDataset(40), eval_dataset=DictDataset(8, 1), callbacks=[cb])
+    trainer.train()
+    assert cb.early_stopping_patience_counter == 3  # lr 0: no improvement after the first eval
+    fresh = EarlyStoppingCallback(early_stopping_patience=5)
+    Trainer(TinyRegressor(), make_args(out, max_steps=6, eval_strategy="steps", eval_steps=1, save_steps=4,
+                                       metric_for_best_model="loss", learning_rate=0.0),
+            train_dataset=DictDataset(40), eval_dataset=DictDataset(8, 1), callbacks=[fresh]).train(True)
+    assert fresh.early_stopping_patience_counter == 5
+
+
+class NaNAt(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyRegressor()
+        self.calls = 0
+
+    def forward(self, x, labels=None):
+        out = self.inner(x, labels)
+        self.calls += 1
+        if self.calls == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_loss_never_reaches_the_weights(tmp_path, policy):
+    model = NaNAt()
+    trainer = Trainer(model, make_args(tmp_path / "o", gradient_accumulation_steps=1, save_strategy="no",
+                                       nonfinite_policy=policy), train_dataset=DictDataset(40))
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if policy == "skip":
+        assert trainer.state.global_step == 12
+        skipped = [h for h in trainer.state.log_history if h.get("nonfinite_steps_skipped")]
+        assert [h["step"] for h in skipped] == [3]
+    else:
+        assert trainer.state.global_step == 3
+
+
+SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+import torch
+from helpers_core import DictDataset, TinyRegressor
+from epochal_core import Trainer, TrainerCallback, TrainingArguments
+import epochal_core.checkpoint as ck
+kill_kind, kill_at = {kill!r}
+if kill_kind == "save":
+    real, calls = ck.save_file, [0]
+    def save_file(obj, path):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(obj, path)
+    ck.save_file = save_file
+class Hook(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if kill_kind == "step" and state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kill_kind == "term" and state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+torch.manual_seed(0)
+args = TrainingArguments(output_dir={out!r}, report_to="none", disable_tqdm=True, max_steps=12, save_steps=3,
+                         per_device_train_batch_size=4, logging_steps=1, seed=7)
+t = Trainer(TinyRegressor(), args, train_dataset=DictDataset(40), callbacks=[Hook()])
+t.train(resume_from_checkpoint=True if any(p.startswith("checkpoint-") for p in os.listdir({out!r})) else None)
+print("done", t.state.global_step, t.preempted)
+"""
+
+
+def _train(out, kill):
+    out.mkdir(exist_ok=True)
+    code = SCRIPT.format(tests=TESTS, out=str(out), kill=kill)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_points_always_resumes(tmp_path):
+    # Checkpoints at steps 3, 6, 9, 12; each save writes 4 files (weights, optimizer, scheduler, rng):
+    # kill inside the 2nd save's writes, between saves, right after a save, and during the last save.
+    kill_points = [("save", 5), ("save", 6), ("save", 8), ("step", 5), ("step", 7), ("save", 14)]
+    reference = None
+    for i, kill in enumerate(kill_points):
+        out = tmp_path / f"run{i}"
+        first = _train(out, kill)
+        assert first.returncode == -signal.SIGKILL, first.stderr
+        second = _train(out, ("none", 0))
+        assert second.returncode == 0, second.stderr
+        assert "done 12" in second.stdout
+        weights = torch.load(out / "checkpoint-12" / "pytorch_model.bin", weights_only=True)
+        if reference is None:
+            clean = _train(tmp_path / "clean", ("none", 0))
+            assert clean.returncode == 0, clean.stderr
+            reference = torch.load(tmp_path / "clean" / "checkpoint-12" / "pytorch_model.bin", weights_only=True)
+        for name in reference:
+            assert torch.equal(weights[name], reference[name]), (kill, name)
+    print(f"kill points tried: {len(kill_points)}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = _train(out, ("term", 4))
+    assert proc.returncode == 0, proc.stderr
+    assert "done 4 True" in proc.stdout
+    assert "Received SIGTERM" in proc.stderr and "resumes it" in proc.stderr
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    resumed = _train(out, ("none", 0))
+    assert "done 12 False" in resumed.stdout
+    _ = time

@@ -1,0 +1,377 @@
+"""Tests of epochal_tensorboard: real tensorboardX writes, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from epochal_core import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from epochal_core.integrations import rewrite_logs
+from epochal_core.testing import ScriptedFailure, scripted_run
+from epochal_tensorboard import LOGGING_DIR_ENV, TensorBoardCallback
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.util import tensor_util
+from torch import nn
+from torch.utils.data import TensorDataset
+
+# -- reading back ------------------------------------------------------------------------------
+
+
+def accumulate(logdir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={SCALARS: 0, TENSORS: 0})
+    acc.Reload()
+    return acc
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = accumulate(logdir)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_texts(logdir: Path) -> dict[str, list[tuple[int, str]]]:
+    acc = accumulate(logdir)
+    texts = {}
+    for tag in acc.Tags()["tensors"]:
+        if tag.endswith("/text_summary"):
+            texts[tag.removesuffix("/text_summary")] = [
+                (e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()) for e in acc.Tensors(tag)
+            ]
+    return texts
+
+
+def read_hparams(logdir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw in accumulate(logdir).PluginTagToContent("hparams").values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("session_start_info"):
+            out["start"] = {k: v.string_value or v.bool_value or v.number_value
+                            for k, v in data.session_start_info.hparams.items()}
+        if data.HasField("session_end_info"):
+            out["status"] = data.session_end_info.status
+    return out
+
+
+def expected_scalars(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard should show for these logs: rewritten tags, each value at its log's step."""
+    expected: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for entry in log_history:
+        logs = {k: v for k, v in entry.items() if k != "step"}
+        for tag, value in rewrite_logs(logs).items():
+            if isinstance(value, (int, float)):
+                expected[tag].append((entry["step"], float(value)))
+    return dict(expected)
+
+
+def assert_same_scalars(got: dict[str, list[tuple[int, float]]], want: dict[str, list[tuple[int, float]]]) -> None:
+    assert sorted(got) == sorted(want)
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        # Event files store float32.
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-7), tag
+
+
+# -- scripted runs -------------------------------------------------------------------------------
+
+
+def test_scripted_run_writes_every_scalar_with_its_step(tmp_path: Path) -> None:
+    logdir = tmp_path / "tb"
+    run = scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "out")
+
+    assert_same_scalars(read_scalars(logdir), expected_scalars(run.state.log_history))
+    assert {"train/loss", "train/grad_norm", "eval/loss", "eval/accuracy", "train/train_runtime"} <= set(
+        read_scalars(logdir)
+    )
+    texts = read_texts(logdir)
+    assert json.loads(texts["args"][0][1])["run_name"] == "scripted-run"
+    assert json.loads(texts["model_config"][0][1]) == {"activation": "relu", "hidden_size": 8, "num_layers": 2}
+    hparams = read_hparams(logdir)
+    assert hparams["start"]["args/max_steps"] == 10.0
+    assert hparams["start"]["model/activation"] == "relu"
+    assert hparams["status"] == 1  # STATUS_SUCCESS
+
+
+def test_strings_are_text_and_other_values_dropped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logdir = tmp_path / "tb"
+    with caplog.at_level(logging.WARNING):
+        run = scripted_run(
+            TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "out",
+            extra_logs={"phase": "warmup", "histogram": [1, 2, 3]},
+        )
+
+    train_steps = [e["step"] for e in run.state.log_history if "phase" in e]
+    assert read_texts(logdir)["train/phase"] == [(step, "warmup") for step in train_steps]
+    assert "train/histogram" not in read_scalars(logdir)
+    dropped = [r for r in caplog.records if "train/histogram" in r.getMessage()]
+    assert len(dropped) == 1
+
+
+def test_log_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    state = TrainerState()
+    assert TensorBoardCallback().resolve_log_dir(args, state) == str(tmp_path / "out" / "runs")
+    monkeypatch.setenv(LOGGING_DIR_ENV, "~/tb-env")
+    assert TensorBoardCallback().resolve_log_dir(args, state) == os.path.expanduser("~/tb-env")
+    assert TensorBoardCallback(log_dir=tmp_path / "x").resolve_log_dir(args, state) == str(tmp_path / "x")
+    state.trial_name = "trial-3"
+    assert TensorBoardCallback(log_dir="x").resolve_log_dir(args, state) == os.path.join("x", "trial-3")
+
+
+def test_user_writer_is_used(tmp_path: Path) -> None:
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir=str(tmp_path / "mine"))
+    run = scripted_run(TensorBoardCallback(writer), output_dir=tmp_path / "out")
+
+    assert_same_scalars(read_scalars(tmp_path / "mine"), expected_scalars(run.state.log_history))
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_construction_has_no_side_effects(tmp_path: Path) -> None:
+    before = set(tmp_path.rglob("*"))
+    callback = TensorBoardCallback(log_dir=tmp_path / "tb")
+    TensorBoardCallback()
+    assert set(tmp_path.rglob("*")) == before
+    assert callback.tb_writer is None
+    assert TensorBoardCallback.configuration_problem() is None
+
+
+# -- a real Trainer ----------------------------------------------------------------------------------
+
+
+class TinyRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
+
+
+def tiny_data(n: int = 32) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    return TensorDataset(x, x.sum(dim=1))
+
+
+def trainer_args(out: Path, **kwargs: Any) -> TrainingArguments:
+    defaults: dict[str, Any] = dict(
+        output_dir=str(out), report_to=["tensorboard"], max_steps=6, logging_steps=1, save_steps=3,
+        per_device_train_batch_size=4, disable_tqdm=True, use_cpu=True,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def test_trainer_run_matches_log_history(tmp_path: Path) -> None:
+    trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out"), train_dataset=tiny_data())
+    trainer.train()
+
+    logdir = tmp_path / "out" / "runs"
+    assert_same_scalars(read_scalars(logdir), expected_scalars(trainer.state.log_history))
+    assert [s for s, _ in read_scalars(logdir)["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert json.loads(read_texts(logdir)["args"][0][1])["max_steps"] == 6
+    assert trainer.integration_failures == []
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise ScriptedFailure(f"crash before step {self.step + 1}")
+
+
+def test_trainer_crash_and_resume_writes_each_step_once(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    crashed = Trainer(
+        model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_data(), callbacks=[CrashAt(5)]
+    )
+    with pytest.raises(ScriptedFailure):
+        crashed.train()
+    assert read_hparams(out / "runs")["status"] == 2  # STATUS_FAILURE: the crash closed the writer
+
+    resumed = Trainer(model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_data())
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+    steps = [s for s, _ in read_scalars(out / "runs")["train/loss"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    want = expected_scalars(resumed.state.log_history)
+    assert_same_scalars(read_scalars(out / "runs"), want)
+
+
+# -- resume ------------------------------------------------------------------------------------------
+
+
+def test_resume_purges_steps_logged_after_the_checkpoint(tmp_path: Path) -> None:
+    logdir, out = tmp_path / "tb", tmp_path / "out"
+    # Crash after step 6 was logged; the last checkpoint is step 5. "crash_only" is logged only
+    # by the crashed run, so nothing but the purge can remove its steps 6.
+    crashed = TensorBoardCallback(log_dir=logdir)
+    with pytest.raises(ScriptedFailure):
+        scripted_run(crashed, output_dir=out, logging_steps=1, fail_at_step=7, extra_logs={"crash_only": 1.0})
+    assert crashed.last_logged_step == 6
+
+    state = TrainerState.load_from_json(str(out / "checkpoint-5" / "trainer_state.json"))
+    before = [e for e in state.log_history if e["step"] <= 5]
+    resumed = TensorBoardCallback(log_dir=logdir)
+    resumed.load_state_dict({"run_id": str(logdir), "last_logged_step": 5})
+    run = scripted_run(resumed, output_dir=out, logging_steps=1, start_step=5, state=state)
+
+    files = sorted(logdir.glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    resumed_events = list(EventFileLoader(str(files[1])).Load())
+    assert any(e.HasField("session_log") and e.step == 6 for e in resumed_events[:3])
+
+    scalars = read_scalars(logdir)
+    for tag, points in scalars.items():
+        if tag != "train/epoch":  # logged by every log, so legitimately several times per step
+            assert len({s for s, _ in points}) == len(points), f"{tag} has a step twice: {points}"
+    assert [s for s, _ in scalars["train/crash_only"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 11))
+    assert_same_scalars(scalars, expected_scalars(run.state.log_history))
+    assert run.state.log_history[: len(before)] == before
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+
+def test_unusable_log_dir_is_isolated_when_not_strict(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with caplog.at_level(logging.WARNING):
+        run = scripted_run(TensorBoardCallback(log_dir=blocker / "tb"), output_dir=tmp_path / "out", strict=False)
+
+    assert run.state.global_step == 10
+    assert len(run.failures) == 1
+    assert run.failures[0].event == "on_train_begin"
+    assert isinstance(run.failures[0].error, OSError)
+    assert any("failed in on_train_begin" in r.getMessage() for r in caplog.records)
+
+
+def test_unusable_log_dir_raises_when_strict(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        scripted_run(TensorBoardCallback(log_dir=blocker / "tb"), output_dir=tmp_path / "out", strict=True)
+
+
+def fill_disk_under(logdir: Path) -> tuple[int, int]:
+    """Point the open event file of ``logdir`` at /dev/full, as if the disk had just filled up.
+
+    Every later write to it fails with a real ENOSPC from the kernel (even as root), which no
+    directory setting can produce mid-run. Returns ``(fd, saved duplicate of the original)``.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(logdir)) and "tfevents" in target:
+            saved = os.dup(fd)
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fd)
+            os.close(full)
+            return fd, saved
+    raise AssertionError(f"no open event file under {logdir}")
+
+
+class DiskFullAt(TensorBoardCallback):
+    """The callback under test; the disk fills up just before the log of ``step``."""
+
+    def __init__(self, step: int, log_dir: Path) -> None:
+        super().__init__(log_dir=log_dir)
+        self.step = step
+        self.filled: tuple[int, int] | None = None
+
+    def on_log(self, args: Any, state: TrainerState, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+        if state.global_step == self.step and self.filled is None:
+            self.filled = fill_disk_under(Path(self.log_dir or ""))
+        return super().on_log(args, state, control, logs, **kwargs)
+
+    def free_disk(self) -> None:
+        if self.filled is None:
+            return
+        fd, saved = self.filled
+        with contextlib.suppress(OSError):
+            # Only if the writer did not close that descriptor meanwhile (it may be reused).
+            if os.readlink(f"/proc/self/fd/{fd}") == "/dev/full":
+                os.dup2(saved, fd)
+        os.close(saved)
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+
+
+@pytest.fixture
+def disk_full(tmp_path: Path) -> Iterator[DiskFullAt]:
+    if not os.path.exists("/dev/full") or not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs Linux /dev/full and /proc")
+    callback = DiskFullAt(4, tmp_path / "tb")
+    yield callback
+    callback.free_disk()
+
+
+def test_disk_full_mid_run_disables_the_integration(
+    disk_full: DiskFullAt, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        run = scripted_run(disk_full, output_dir=tmp_path / "out", strict=False)
+
+    assert run.state.global_step == 10
+    assert disk_full.filled is not None
+    assert len(run.failures) == 1
+    failure = run.failures[0]
+    # ENOSPC from writing, or EINVAL from the fsync tensorboardX does on each flush.
+    assert isinstance(failure.error, OSError) and failure.error.errno in {errno.ENOSPC, errno.EINVAL}
+    # The error shows at the first flush that has data: a log at step >= 4, or the final close.
+    assert failure.event in {"on_log", "on_train_end"}
+    assert any("was disabled; training continues" in r.getMessage() for r in caplog.records)
+    # What was written before the disk filled up is intact.
+    disk_full.free_disk()
+    disk_full.filled = None
+    assert [s for s, _ in read_scalars(tmp_path / "tb")["train/loss"]][:1] == [2]
+
+
+def test_disk_full_mid_run_raises_when_strict(disk_full: DiskFullAt, tmp_path: Path) -> None:
+    with pytest.raises(OSError) as raised:
+        scripted_run(disk_full, output_dir=tmp_path / "out", strict=True)
+    assert raised.value.errno in {errno.ENOSPC, errno.EINVAL}
+
+
+class WriterThreadDiesAt(TensorBoardCallback):
+    """The callback under test; tensorboardX's writer thread ends just before the log of ``step``.
+
+    A thread that died of an I/O error looks the same; stopping it through its own ``stop()``
+    produces that state without patching anything.
+    """
+
+    def __init__(self, step: int, log_dir: Path) -> None:
+        super().__init__(log_dir=log_dir)
+        self.step = step
+
+    def on_log(self, args: Any, state: TrainerState, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+        if state.global_step == self.step and self.tb_writer is not None:
+            self.tb_writer.file_writer.event_writer._worker.stop()
+        return super().on_log(args, state, control, logs, **kwargs)
+
+
+def test_dead_writer_thread_fails_fast_instead_of_blocking(tmp_path: Path) -> None:
+    # Without the check, the writer's 10-event queue fills up and add_scalar blocks forever.
+    run = scripted_run(WriterThreadDiesAt(4, tmp_path / "tb"), output_dir=tmp_path / "out", strict=False)
+
+    assert run.state.global_step == 10
+    assert [(f.event, type(f.error)) for f in run.failures] == [("on_log", RuntimeError)]
+    assert "writer thread has died" in str(run.failures[0].error)
