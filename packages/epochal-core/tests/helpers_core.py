@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from epochal_core import EVENTS, TrainerCallback
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from epochal_core import EVENTS, TrainerCallback
 
 
 class TinyRegressor(nn.Module):

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_core import DictDataset, TinyRegressor
-
 from epochal_core import EarlyStoppingCallback, ExportableState, Trainer, TrainerCallback, TrainingArguments
 from epochal_core.checkpoint import COMMIT_MARKER, CheckpointError, is_complete, latest_checkpoint
+from helpers_core import DictDataset, TinyRegressor
 
 TESTS = str(Path(__file__).parent)
 

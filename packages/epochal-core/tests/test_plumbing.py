@@ -5,10 +5,9 @@ import textwrap
 import threading
 
 import pytest
-from helpers_core import DictDataset, TinyRegressor
-
 from epochal_core import IntegrationCallback, Trainer, TrainerCallback, TrainingArguments
 from epochal_core.report_to import resolve_report_to
+from helpers_core import DictDataset, TinyRegressor
 
 
 def make_args(tmp_path, **kw):

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from epochal_core import (
     EVENTS,
     CallbackHandler,

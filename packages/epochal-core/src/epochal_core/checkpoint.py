@@ -236,7 +236,7 @@ def rng_state() -> dict[str, Any]:
     import sys
 
     state: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -268,10 +268,10 @@ def _state_key(callback: Any) -> str:
 def _stateful(objects: list[Any]) -> list[Any]:
     from .callback import ExportableState
 
-    return [
-        o for o in objects
-        if isinstance(o, ExportableState) or (callable(getattr(o, "state_dict", None)) and callable(getattr(o, "load_state_dict", None)))
-    ]
+    def has_pair(o: Any) -> bool:
+        return callable(getattr(o, "state_dict", None)) and callable(getattr(o, "load_state_dict", None))
+
+    return [o for o in objects if isinstance(o, ExportableState) or has_pair(o)]
 
 
 def _export(obj: Any) -> dict[str, Any]:

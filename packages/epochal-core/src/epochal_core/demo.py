@@ -204,7 +204,7 @@ class _Block(nn.Module):
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(self.ln2(x))  # type: ignore[no-any-return]
 
 
 class TinyGPT(nn.Module):
@@ -438,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     (output_dir / "vocab.json").write_text(json.dumps(tokenizer.chars), encoding="utf-8")
 
     losses = _eval_losses(trainer.state.log_history)
-    print(f"\nTrained {result.global_step} steps in {elapsed:.1f} s (mean training loss {result.training_loss:.4f}).")
+    print(
+        f"\nTrained {result.global_step} steps in {result.metrics['train_runtime']:.1f} s "
+        f"({elapsed:.1f} s with setup; mean training loss {result.training_loss:.4f})."
+    )
     if losses:
         (first_step, first), (last_step, last) = losses[0], losses[-1]
         print(f"First eval loss: {first:.4f} (step {first_step})")

@@ -123,7 +123,7 @@ class CallbackHandler(TrainerCallback):
 
     def _find(self, callback: Any) -> int | None:
         for i, cb in enumerate(self.callbacks):
-            if isinstance(callback, type) and isinstance(cb, callback) or cb is callback:
+            if (isinstance(callback, type) and isinstance(cb, callback)) or cb is callback:
                 return i
         return None
 

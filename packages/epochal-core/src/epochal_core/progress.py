@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from .callback import TrainerCallback
 
 if TYPE_CHECKING:
-    from tqdm.auto import tqdm as Tqdm
+    from tqdm.auto import tqdm as Tqdm  # type: ignore[import-untyped]
 
     from .control import TrainerControl
     from .state import TrainerState

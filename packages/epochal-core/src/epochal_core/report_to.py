@@ -149,9 +149,8 @@ def resolve_report_to(report_to: str | list[str]) -> list[tuple[str, type[Any], 
         info = installed.get(name)
         if info is None:
             if name in KNOWN_INTEGRATIONS:
-                raise ValueError(
-                    f"report_to={name!r} is not installed. " + install_hint(KNOWN_INTEGRATIONS[name], f"report_to={name!r}")
-                )
+                hint = install_hint(KNOWN_INTEGRATIONS[name], f"report_to={name!r}")
+                raise ValueError(f"report_to={name!r} is not installed. {hint}")
             known = sorted(set(installed) | set(KNOWN_INTEGRATIONS))
             raise ValueError(f"report_to={name!r} is unknown: known names are {known} (or 'all', 'none').")
         resolved.append((name, info.load(), explicit))

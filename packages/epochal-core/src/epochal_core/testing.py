@@ -21,7 +21,7 @@ from .reporting import IntegrationFailure, Reporter
 from .state import TrainerState
 from .training_args import TrainingArguments
 
-__all__ = ["ScriptedRun", "ScriptedFailure", "scripted_run", "tiny_model"]
+__all__ = ["ScriptedFailure", "ScriptedRun", "scripted_run", "tiny_model"]
 
 
 class ScriptedFailure(RuntimeError):
@@ -179,7 +179,8 @@ def scripted_run(
                 if fail_at_step is not None and st.global_step == fail_at_step:
                     raise ScriptedFailure(f"scripted failure at step {fail_at_step}")
                 if control.should_log:
-                    log({"loss": _loss(st.global_step), "grad_norm": 0.5, "learning_rate": 1e-3 * (1 - st.global_step / max_steps), **(extra_logs or {})})
+                    lr = 1e-3 * (1 - st.global_step / max_steps)
+                    log({"loss": _loss(st.global_step), "grad_norm": 0.5, "learning_rate": lr, **(extra_logs or {})})
                 if control.should_evaluate:
                     evaluate()
                 if control.should_save:

@@ -102,12 +102,14 @@ def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device) for k, v in batch.items()}) if type(batch) is not dict else {
+        return type(batch)({k: _move(v, device) for k, v in batch.items()}) if type(batch) is not dict else {  # type: ignore
             k: _move(v, device) for k, v in batch.items()
         }
     if isinstance(batch, (list, tuple)):
         moved = [_move(v, device) for v in batch]
-        return moved if isinstance(batch, list) else type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+        if isinstance(batch, list):
+            return moved
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
 
@@ -390,7 +392,7 @@ class Trainer:
         if isinstance(inputs, Mapping):
             for name in self.args.label_names or ("labels",):
                 if name in inputs:
-                    return inputs.pop(name) if pop else inputs[name]
+                    return inputs.pop(name) if pop else inputs[name]  # type: ignore
             return None
         if isinstance(inputs, (list, tuple)) and len(inputs) >= 2:
             return inputs[-1]
@@ -426,7 +428,7 @@ class Trainer:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
             outputs = self._forward(model, inputs)
-            loss = self._extract_loss(outputs)
+            loss = self._extract_loss(outputs)  # type: ignore
             if loss is None:
                 raise ValueError(
                     f"The model did not return a loss: forward returned {_describe(outputs)}. Return a scalar "
@@ -449,7 +451,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        return loss.detach()
+        return loss.detach()  # type: ignore
 
     def _to_host(self, tensor: torch.Tensor) -> list[float]:
         # The only place training reads values from the device; counted so tests
@@ -746,7 +748,9 @@ class Trainer:
                          self.state.global_step + 1, what)
             self.control.should_training_stop = True
         else:
-            logger.warning("Non-finite values at step %d (%s): the update was skipped.", self.state.global_step + 1, what)
+            logger.warning(
+                "Non-finite values at step %d (%s): the update was skipped.", self.state.global_step + 1, what
+            )
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
 
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float) -> None:
@@ -866,8 +870,8 @@ class Trainer:
             rest = {k: v for k, v in outputs.items() if k != "loss"}
             predictions = rest.get("logits", next(iter(rest.values()), None) if len(rest) == 1 else rest or None)
         elif isinstance(outputs, (list, tuple)):
-            rest = list(outputs[1:] if loss is not None and outputs and outputs[0] is loss else outputs)
-            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None
+            rest = list(outputs[1:] if loss is not None and outputs and outputs[0] is loss else outputs)  # type: ignore
+            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None  # type: ignore
         else:
             predictions = getattr(outputs, "logits", None)
         return loss, predictions, labels

@@ -197,7 +197,8 @@ class TrainingArguments:
             raise _bad("fp16", self.fp16, "choose one of bf16 and fp16, not both.")
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
-        for kind, strategy in (("logging", self.logging_strategy), ("eval", self.eval_strategy), ("save", self.save_strategy)):
+        strategies = {"logging": self.logging_strategy, "eval": self.eval_strategy, "save": self.save_strategy}
+        for kind, strategy in strategies.items():
             self._check_interval(f"{kind}_steps", getattr(self, f"{kind}_steps"), strategy == "steps")
         self._resolve_best_model()
         self.report_to = self._normalise_report_to(self.report_to)
@@ -258,9 +259,9 @@ class TrainingArguments:
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise _bad("report_to", value, "use 'all', 'none', or a list of integration names.")
-        names = list(dict.fromkeys(value))  # drop repeats, keep order
+        names: list[str] = list(dict.fromkeys(value))  # drop repeats, keep order
         if names in (["all"], ["none"]):
-            return names[0]
+            return str(names[0])
         if "all" in names or "none" in names:
             raise _bad("report_to", value, "'all' and 'none' cannot be combined with other names.")
         return names

@@ -94,10 +94,6 @@ class NeptuneCallback(IntegrationCallback):
     package: ClassVar[str] = "epochal-neptune"
     sdk: ClassVar[str] = "neptune"
     sdk_package: ClassVar[str] = "neptune"
-    # Neptune already buffers every operation on its own disk queue and thread, so running
-    # inline costs little and keeps run_id/last_logged_step exact in checkpoints (the core
-    # collects callback states before it drains the reporter queue).
-    run_inline: ClassVar[bool] = True
 
     def __init__(
         self,
