@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_positive_float, default=0.8)
     p.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME", help="'none', 'all' or names.")
     p.add_argument("--cpu", action="store_true", help="Train on the CPU even if an accelerator is present.")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice).")
     p.add_argument("--seed", type=int, default=42)
     return p
 
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epochal-demo: {err}", file=sys.stderr)
         return 1
 
+    if opts.threads is not None:
+        # On a shared or busy machine, fewer threads than cores avoids OpenMP oversubscription stalls.
+        torch.set_num_threads(opts.threads)
     set_seed(opts.seed)  # the Trainer seeds too, but only after the model is built
     model = TinyGPT(tokenizer.vocab_size, opts.block_size, opts.d_model, opts.layers, opts.heads)
     n_params = sum(p.numel() for p in model.parameters())
