@@ -18,7 +18,6 @@ hooks that patch torch and other libraries.
 from __future__ import annotations
 
 import configparser
-import contextlib
 import copy
 import os
 import threading
@@ -195,32 +194,16 @@ class CometCallback(IntegrationCallback):
             experiment_config=config,
         )
         self._continue = True
-        try:
-            self.experiment.log_parameters(args.to_dict(), prefix="args")
-            config_dict = model_config(model)
-            if config_dict:
-                self.experiment.log_parameters(config_dict, prefix="config")
-            if self.log_graph and model is not None:
-                self.experiment.set_model_graph(model)
-        except Exception as err:
-            self._abort(err)
-            raise
+        self.experiment.log_parameters(args.to_dict(), prefix="args")
+        config_dict = model_config(model)
+        if config_dict:
+            self.experiment.log_parameters(config_dict, prefix="config")
+        if self.log_graph and model is not None:
+            self.experiment.set_model_graph(model)
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Log ``metrics`` at ``step`` with the current epoch."""
-        try:
-            self.experiment.log_metrics(metrics, step=step, epoch=state.epoch)
-        except Exception as err:
-            self._abort(err)
-            raise
-
-    def _abort(self, error: BaseException) -> None:
-        # The reporter disables a failing integration without any further event, so
-        # end the experiment now rather than leave it running until interpreter exit.
-        self._initialized = False
-        self._error = f"{type(error).__name__}: {error}"
-        with contextlib.suppress(Exception):
-            self.finish("failed")
+        self.experiment.log_metrics(metrics, step=step, epoch=state.epoch)
 
     def finish(self, status: str) -> None:
         """Upload ``output_dir`` if asked (success only), record ``status`` and end the experiment."""

@@ -8,7 +8,8 @@ checkpoint so a resumed training continues the same run, and finishing the run
 on train end (``"finished"``) or on a crash (``"failed"``).
 
 A subclass sets :attr:`~IntegrationCallback.sdk` and implements :meth:`setup`,
-:meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_checkpoint`.
+:meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_texts` and
+:meth:`log_checkpoint`.
 """
 
 from __future__ import annotations
@@ -141,11 +142,21 @@ class IntegrationCallback(TrainerCallback):
         """Send scalar ``metrics`` (keys already rewritten) at ``step``."""
         raise NotImplementedError
 
+    def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
+        """Send string values (keys already rewritten) at ``step``.
+
+        Not overriding it means the tracker shows no text: strings are then dropped
+        with one warning per key, like any other non-scalar.
+        """
+
     def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
         """Called after checkpoint ``path`` was committed; upload it if configured. Default: nothing."""
 
     def finish(self, status: str) -> None:
-        """Flush and close the run; ``status`` is ``"finished"`` or ``"failed"``."""
+        """Flush and close the run; ``status`` is ``"finished"`` or ``"failed"``.
+
+        Also called after :meth:`setup` raised part-way: release whatever it created.
+        """
         raise NotImplementedError
 
     # -- shared helpers ------------------------------------------------------------
@@ -172,8 +183,9 @@ class IntegrationCallback(TrainerCallback):
 
     def _ensure_setup(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         if not self._initialized:
-            self.setup(args, state, kwargs.get("model"), **{k: v for k, v in kwargs.items() if k != "model"})
+            # Marked first, so a setup that fails part-way still gets finish("failed").
             self._initialized = True
+            self.setup(args, state, kwargs.get("model"), **{k: v for k, v in kwargs.items() if k != "model"})
 
     # -- events ----------------------------------------------------------------------
     def on_train_begin(
@@ -190,9 +202,16 @@ class IntegrationCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         self._ensure_setup(args, state, kwargs)
+        texts: dict[str, str] = {}
+        if type(self).log_texts is not IntegrationCallback.log_texts:
+            texts = {k: v for k, v in logs.items() if isinstance(v, str)}
+            logs = {k: v for k, v in logs.items() if not isinstance(v, str)}
         metrics = self.scalars(logs)
         if metrics:
             self.log_metrics(metrics, state.global_step, state)
+        if texts:
+            self.log_texts(rewrite_logs(texts) if self.rewrite_keys else texts, state.global_step, state)
+        if metrics or texts:
             self.last_logged_step = max(self.last_logged_step, state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:

@@ -11,7 +11,8 @@ memory stays bounded. Events that must have finished before training goes on
 first drain the queue and then run on the training thread.
 
 Failures: an exception raised by an integration is reported once with its
-traceback, the integration is disabled, and training continues. In strict mode
+traceback, the integration receives ``on_exception`` (so it can close its run as
+failed) and is disabled, and training continues. In strict mode
 (``TrainingArguments.strict_integrations``) the exception is re-raised on the
 training thread instead, at the next event or drain.
 """
@@ -163,6 +164,13 @@ class Reporter:
         except Exception as err:
             self.disabled = True
             self._failure = IntegrationFailure(self.name, event, err, traceback.format_exc())
+            # A disabled integration gets no more events, so give it its crash event now:
+            # it closes its run as failed instead of leaving it open until exit.
+            if event != "on_exception" and "on_exception" in self.__epochal_events__:
+                try:
+                    self.callback.on_exception(args, state, control, **{**kwargs, "exception": err})
+                except Exception:
+                    logger.debug("Integration %r also failed to close after its error.", self.name, exc_info=True)
 
     def _check(self) -> None:
         failure = self._failure

@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
-from .callback import TrainerCallback
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .distributed import all_reduce_, any_rank, barrier, dist_info, ensure_process_group
@@ -600,7 +599,7 @@ class Trainer:
         model.zero_grad(set_to_none=True)
         self.control = handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
-            self._evaluate()
+            self.evaluate()
 
         sampler = getattr(train_dataloader, "batch_sampler", None)
         policy = args.nonfinite_policy
@@ -778,7 +777,7 @@ class Trainer:
             self._globalstep_last_logged = self.state.global_step
             self.log(logs)
         if control.should_evaluate:
-            metrics = self._evaluate()
+            metrics = self.evaluate()
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_new_best
@@ -821,10 +820,6 @@ class Trainer:
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
     # -- evaluation -------------------------------------------------------------------------------
-    def _evaluate(self) -> dict[str, float]:
-        metrics = self.evaluate()
-        return metrics
-
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
@@ -963,6 +958,3 @@ class Trainer:
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
 
-
-# Keep TrainerCallback importable from here too (transformers users do `from ...trainer import ...`).
-_ = TrainerCallback

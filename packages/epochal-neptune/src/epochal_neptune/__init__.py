@@ -23,7 +23,6 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -215,34 +214,23 @@ class NeptuneCallback(IntegrationCallback):
             self._mode = _neptune_mode(init_kwargs)
             self._run = neptune.init_run(**init_kwargs)
         run, ns = self._run, self.base_namespace
-        with self._closing_on_error():
-            if self._mode in LOCAL_MODES:
-                # A local run has no server id (sys/id cannot be fetched offline); its folder has this one.
-                self.run_id = str(self._run._id)
-            else:
-                self.run_id = str(run["sys/id"].fetch())
-            self.run_mode = self._mode
-            if resumed and previous != self.run_id:
-                run[f"{ns}/resumed_from"] = str(previous)
-            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                run["source_code/integrations/epochal-neptune"] = importlib.metadata.version(self.package)
-            if self.log_parameters:
-                run[f"{ns}/trainer_parameters"] = args.to_sanitized_dict()
-                config = model_config(model)
-                if config:
-                    from neptune.utils import stringify_unsupported
+        if self._mode in LOCAL_MODES:
+            # A local run has no server id (sys/id cannot be fetched offline); its folder has this one.
+            self.run_id = str(self._run._id)
+        else:
+            self.run_id = str(run["sys/id"].fetch())
+        self.run_mode = self._mode
+        if resumed and previous != self.run_id:
+            run[f"{ns}/resumed_from"] = str(previous)
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            run["source_code/integrations/epochal-neptune"] = importlib.metadata.version(self.package)
+        if self.log_parameters:
+            run[f"{ns}/trainer_parameters"] = args.to_sanitized_dict()
+            config = model_config(model)
+            if config:
+                from neptune.utils import stringify_unsupported
 
-                    run[f"{ns}/model_parameters"] = stringify_unsupported(config)
-
-    @contextlib.contextmanager
-    def _closing_on_error(self) -> Iterator[None]:
-        # The reporter disables a failed integration and sends it no more events, so close the run here.
-        try:
-            yield
-        except Exception:
-            with contextlib.suppress(Exception):
-                self.finish("failed")
-            raise
+                run[f"{ns}/model_parameters"] = stringify_unsupported(config)
 
     def _staging_dir(self) -> Path:
         data_dir = Path(os.environ.get("NEPTUNE_DATA_DIRECTORY", ".neptune")).resolve()
@@ -256,13 +244,12 @@ class NeptuneCallback(IntegrationCallback):
         """Append each value at ``step`` (``train/epoch`` is assigned); skip steps logged before a resume."""
         if step <= self._resume_floor:
             return
-        with self._closing_on_error():
-            for key, value in metrics.items():
-                field = self._run[f"{self.base_namespace}/{key}"]
-                if key == "train/epoch":
-                    field.assign(float(value))
-                else:
-                    field.append(float(value), step=step)
+        for key, value in metrics.items():
+            field = self._run[f"{self.base_namespace}/{key}"]
+            if key == "train/epoch":
+                field.assign(float(value))
+            else:
+                field.append(float(value), step=step)
 
     def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
         """Upload the committed checkpoint folder as ``log_checkpoints`` asks."""
@@ -272,21 +259,20 @@ class NeptuneCallback(IntegrationCallback):
         from neptune.types import FileSet
 
         source = Path(path)
-        with self._closing_on_error():
-            # Neptune reads the files later (async upload, or `neptune sync` for offline runs), by which time
-            # rotation may have deleted them: stage a copy next to Neptune's own storage.
-            staged = self._staging_dir() / source.name
-            shutil.rmtree(staged, ignore_errors=True)
-            shutil.copytree(source, staged, copy_function=_link_or_copy)
-            target = f"{self.base_namespace}/checkpoints/" + (source.name if mode == "same" else mode)
-            if mode == "same":
-                self._run[target].upload_files(str(staged))
-            else:
-                self._run[target] = FileSet([str(staged)])
-                if self._mode == "offline" and self._staged:
-                    # Superseded: `neptune sync` skips an upload whose files are gone.
-                    shutil.rmtree(self._staged.pop(), ignore_errors=True)
-            self._staged.append(staged)
+        # Neptune reads the files later (async upload, or `neptune sync` for offline runs), by which time
+        # rotation may have deleted them: stage a copy next to Neptune's own storage.
+        staged = self._staging_dir() / source.name
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(source, staged, copy_function=_link_or_copy)
+        target = f"{self.base_namespace}/checkpoints/" + (source.name if mode == "same" else mode)
+        if mode == "same":
+            self._run[target].upload_files(str(staged))
+        else:
+            self._run[target] = FileSet([str(staged)])
+            if self._mode == "offline" and self._staged:
+                # Superseded: `neptune sync` skips an upload whose files are gone.
+                shutil.rmtree(self._staged.pop(), ignore_errors=True)
+        self._staged.append(staged)
 
     def finish(self, status: str) -> None:
         """Mark the run failed if ``status == "failed"``, then stop it (or flush a run passed in)."""

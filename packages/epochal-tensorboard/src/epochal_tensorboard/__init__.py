@@ -28,10 +28,9 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from epochal_core.integrations import IntegrationCallback, flatten_params, model_config, rewrite_logs
+from epochal_core.integrations import IntegrationCallback, flatten_params, model_config
 
 if TYPE_CHECKING:
-    from epochal_core.control import TrainerControl
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
@@ -171,20 +170,9 @@ class TensorBoardCallback(IntegrationCallback):
             if self._own_writer:
                 self.tb_writer = None
 
-    # -- events ----------------------------------------------------------------------
-    def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
-    ) -> Any:
-        """Scalars with ``add_scalar``, strings with ``add_text`` (both at ``global_step``), then flush."""
-        if not state.is_world_process_zero or not logs:
-            return
-        self._ensure_setup(args, state, kwargs)
-        # The base class keeps scalars only; TensorBoard also shows strings, as in transformers.
-        texts = rewrite_logs({k: v for k, v in logs.items() if isinstance(v, str)})
-        metrics = self.scalars({k: v for k, v in logs.items() if not isinstance(v, str)})
-        if metrics or texts:
-            self._write(metrics, texts, state.global_step)
-            self.last_logged_step = max(self.last_logged_step, state.global_step)
+    def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
+        """``add_text`` each string at ``step`` (as transformers does), then flush."""
+        self._write({}, texts, step)
 
     # -- internals --------------------------------------------------------------------
     def _write(self, metrics: dict[str, float | int], texts: dict[str, str], step: int) -> None:
