@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from epochal_comet import CometCallback
-from epochal_core import Trainer, TrainerCallback, TrainingArguments
+from epochal_core import Trainer, TrainingArguments
 from epochal_core.integrations import rewrite_logs
 from epochal_core.state import TrainerState
-from epochal_core.testing import ScriptedFailure, scripted_run
-from torch import nn
-from torch.utils.data import TensorDataset
+from epochal_core.testing import CrashAt, ScriptedFailure, TinyRegressor, scripted_run, tiny_dataset
 
 PREFIXES = ("train/", "eval/", "test/")
 
@@ -80,22 +77,6 @@ def expected_metrics(log_history: list[dict[str, Any]]) -> list[tuple[str, int, 
     return out
 
 
-class TinyModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 1)
-        self.config = {"hidden_size": 1, "kind": "linear"}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
-
-
-def dataset(n: int = 32) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=gen)
-    return TensorDataset(x, x.sum(-1))
-
-
 def trainer_args(out: Path, **overrides: Any) -> TrainingArguments:
     kwargs: dict[str, Any] = dict(
         output_dir=str(out), max_steps=4, per_device_train_batch_size=8, logging_steps=1, save_steps=2,
@@ -137,18 +118,16 @@ def test_log_assets_uploads_output_dir(offline_dir: Path, tmp_path: Path, monkey
 
 # -- (2) real Trainer --------------------------------------------------------------------------------
 def test_trainer_run_matches_log_history(offline_dir: Path, tmp_path: Path) -> None:
-    ds = dataset()
-    trainer = Trainer(TinyModel(), trainer_args(tmp_path / "out"), train_dataset=ds)
+    ds = tiny_dataset()
+    trainer = Trainer(TinyRegressor(), trainer_args(tmp_path / "out"), train_dataset=ds)
     [callback] = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CometCallback)]
     trainer.train()
     trainer.predict(ds)
-    for reporter in trainer._reporters:  # predict() leaves on_predict queued on the integration thread
-        reporter.drain()
 
     first, second = archives(offline_dir)
     assert sorted(first.metrics()) == sorted(expected_metrics(trainer.state.log_history))
     assert first.params()["args_run_name"] == "tiny"
-    assert first.params()["config_kind"] == "linear"
+    assert first.params()["config_in_features"] == 4
     # predict() after train() reopens the same experiment for the test metrics
     assert first.meta["offline_id"] == second.meta["offline_id"] == callback.run_id
     assert second.meta["resume_strategy"] == "get"
@@ -158,31 +137,22 @@ def test_trainer_run_matches_log_history(offline_dir: Path, tmp_path: Path) -> N
 
 
 # -- (3) resume ----------------------------------------------------------------------------------------
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
-
-
 def test_resume_continues_the_same_experiment(offline_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    ds = dataset()
-    crashing = Trainer(TinyModel(), trainer_args(out), train_dataset=ds, callbacks=[CrashAt(3)])
+    ds = tiny_dataset()
+    crashing = Trainer(TinyRegressor(), trainer_args(out), train_dataset=ds, callbacks=[CrashAt(3)])
     with pytest.raises(RuntimeError, match="crash at step 3"):
         crashing.train()
     [crashed] = archives(offline_dir)
     assert crashed.others()["status"] == "failed"
-    assert crashed.others()["error"] == "RuntimeError: crash at step 3"
+    assert crashed.others()["error"] == "ScriptedFailure: crash at step 3"
     key = crashed.meta["offline_id"]
     saved = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["CometCallback"]["state_dict"]["run_id"] == key
 
     # eval_on_start re-evaluates at the checkpoint step: that step must not be sent again.
     resumed = Trainer(
-        TinyModel(), trainer_args(out, eval_strategy="steps", eval_steps=2, eval_on_start=True),
+        TinyRegressor(), trainer_args(out, eval_strategy="steps", eval_steps=2, eval_on_start=True),
         train_dataset=ds, eval_dataset=ds,
     )
     resumed.train(resume_from_checkpoint=out / "checkpoint-2")
@@ -334,6 +304,6 @@ def test_report_to_all_skips_unconfigured_online_comet(
     monkeypatch.delenv("COMET_API_KEY", raising=False)
     monkeypatch.setenv("COMET_START_ONLINE", "true")
     args = trainer_args(tmp_path / "out", report_to="all")
-    trainer = Trainer(TinyModel(), args, train_dataset=dataset())
+    trainer = Trainer(TinyRegressor(), args, train_dataset=tiny_dataset())
     assert not any(isinstance(cb, CometCallback) for cb in trainer.callback_handler.callbacks)
     assert "COMET_API_KEY" in caplog.text

@@ -3,13 +3,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from epochal_core import EarlyStoppingCallback, ExportableState, Trainer, TrainerCallback, TrainingArguments
 from epochal_core.checkpoint import COMMIT_MARKER, CheckpointError, is_complete, latest_checkpoint
+from epochal_core.testing import CrashAt, ScriptedFailure
 from helpers_core import DictDataset, TinyRegressor
 
 TESTS = str(Path(__file__).parent)
@@ -36,19 +36,10 @@ def comparable(history):
     return [{k: v for k, v in h.items() if not any(s in k for s in skip)} for h in history[:-1]]
 
 
-class CrashAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated crash")
-
-
 def test_resume_is_bit_identical_mid_epoch_with_accumulation_and_shuffling(tmp_path):
     straight = run(tmp_path / "a")
     # 40 samples / batch 4 / accumulation 2 = 5 updates per epoch; crash at 7, resume from checkpoint-5.
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(ScriptedFailure):
         run(tmp_path / "b", callbacks=[CrashAt(7)])
     resumed = run(tmp_path / "b", resume=True)
     assert resumed.state.global_step == 12
@@ -65,7 +56,7 @@ def test_resume_is_bit_identical_mid_epoch_with_accumulation_and_shuffling(tmp_p
 def test_resume_mid_epoch_with_dataloader_path(tmp_path):
     kw = dict(max_steps=7, gradient_accumulation_steps=1, per_device_train_batch_size=8, save_steps=3)
     straight = run(tmp_path / "a", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(ScriptedFailure):
         run(tmp_path / "b", callbacks=[CrashAt(4)], **kw)
     resumed = run(tmp_path / "b", resume=True, **kw)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
@@ -281,4 +272,3 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
     assert latest_checkpoint(out).name == "checkpoint-4"
     resumed = _train(out, ("none", 0))
     assert "done 12 False" in resumed.stdout
-    _ = time

@@ -11,14 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from dvclive.utils import standardize_metric_name
-from epochal_core import Trainer, TrainerCallback, TrainingArguments
-from epochal_core.testing import scripted_run
+from epochal_core import Trainer, TrainingArguments
+from epochal_core.testing import CrashAt, TinyRegressor, scripted_run, tiny_dataset
 from epochal_dvclive import DVCLiveCallback
-from torch import nn
-from torch.utils.data import TensorDataset
 
 
 def read_rows(live_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -54,24 +51,13 @@ def assert_rows_match(live_dir: Path, log_history: list[dict[str, Any]]) -> None
         assert dict(points) == expected[name], name
 
 
-class Regressor(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 1)
-        self.config = {"in_features": 4}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
-
-
 def make_trainer(output_dir: Path, max_steps: int, callbacks: list[Any] | None = None, **kwargs: Any) -> Trainer:
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(40, 4, generator=gen), torch.randn(40, generator=gen))
+    data = tiny_dataset(40)
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, logging_steps=1, save_steps=5, per_device_train_batch_size=8,
         learning_rate=0.05, report_to=["dvclive"], disable_tqdm=True, **kwargs,
     )
-    return Trainer(Regressor(), args, train_dataset=data, callbacks=callbacks)
+    return Trainer(TinyRegressor(), args, train_dataset=data, callbacks=callbacks)
 
 
 def test_scripted_run_writes_every_log_at_global_step(tmp_path: Path) -> None:
@@ -104,16 +90,7 @@ def test_trainer_run_rows_match_log_history(tmp_path: Path) -> None:
     assert [step for step, _ in read_rows(tmp_path / "out" / "dvclive")["loss"]] == [1, 2, 3, 4, 5, 6]
     params = yaml.safe_load((tmp_path / "out" / "dvclive" / "params.yaml").read_text())
     assert params["args"]["learning_rate"] == 0.05
-    assert params["model"] == {"in_features": 4}
-
-
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
+    assert params["model"] == {"in_features": 4, "note": None}
 
 
 def test_resume_continues_the_run_without_duplicate_rows(tmp_path: Path) -> None:

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from epochal_core import Trainer, TrainerState, TrainingArguments
 from epochal_core.integrations import rewrite_logs
-from epochal_core.testing import ScriptedFailure, scripted_run
+from epochal_core.testing import ScriptedFailure, TinyRegressor, scripted_run, tiny_dataset
 from epochal_neptune import NeptuneCallback
 from neptune.internal.operation import LogFloats, Operation, UploadFileSet
 
@@ -77,21 +76,9 @@ def neptune_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("Neptune")]
 
 
-class TinyRegressor(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-        self.config = {"in_features": 4, "note": None}
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
-
-
 def tiny_trainer(output_dir: Path, max_steps: int, **kwargs: Any) -> Trainer:
     callbacks = kwargs.pop("callbacks", None)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=generator)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1))
+    data = tiny_dataset()
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=8, logging_steps=1,
         learning_rate=0.05, disable_tqdm=True, **kwargs,

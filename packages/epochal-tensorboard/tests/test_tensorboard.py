@@ -13,17 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from epochal_core import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from epochal_core import Trainer, TrainerState, TrainingArguments
 from epochal_core.integrations import rewrite_logs
-from epochal_core.testing import ScriptedFailure, scripted_run
+from epochal_core.testing import CrashAt, ScriptedFailure, TinyRegressor, scripted_run, tiny_dataset
 from epochal_tensorboard import LOGGING_DIR_ENV, TensorBoardCallback
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
-from torch import nn
-from torch.utils.data import TensorDataset
 
 # -- reading back ------------------------------------------------------------------------------
 
@@ -151,21 +148,6 @@ def test_construction_has_no_side_effects(tmp_path: Path) -> None:
 # -- a real Trainer ----------------------------------------------------------------------------------
 
 
-class TinyRegressor(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 1)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
-
-
-def tiny_data(n: int = 32) -> TensorDataset:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=gen)
-    return TensorDataset(x, x.sum(dim=1))
-
-
 def trainer_args(out: Path, **kwargs: Any) -> TrainingArguments:
     defaults: dict[str, Any] = dict(
         output_dir=str(out), report_to=["tensorboard"], max_steps=6, logging_steps=1, save_steps=3,
@@ -175,7 +157,7 @@ def trainer_args(out: Path, **kwargs: Any) -> TrainingArguments:
 
 
 def test_trainer_run_matches_log_history(tmp_path: Path) -> None:
-    trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out"), train_dataset=tiny_data())
+    trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out"), train_dataset=tiny_dataset())
     trainer.train()
 
     logdir = tmp_path / "out" / "runs"
@@ -185,25 +167,17 @@ def test_trainer_run_matches_log_history(tmp_path: Path) -> None:
     assert trainer.integration_failures == []
 
 
-class CrashAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            raise ScriptedFailure(f"crash before step {self.step + 1}")
-
-
 def test_trainer_crash_and_resume_writes_each_step_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     crashed = Trainer(
-        model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_data(), callbacks=[CrashAt(5)]
+        model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_dataset(),
+        callbacks=[CrashAt(5, before_next_step=True)],
     )
     with pytest.raises(ScriptedFailure):
         crashed.train()
     assert read_hparams(out / "runs")["status"] == 2  # STATUS_FAILURE: the crash closed the writer
 
-    resumed = Trainer(model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_data())
+    resumed = Trainer(model=TinyRegressor(), args=trainer_args(out), train_dataset=tiny_dataset())
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
 
     steps = [s for s, _ in read_scalars(out / "runs")["train/loss"]]

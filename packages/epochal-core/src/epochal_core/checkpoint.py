@@ -345,10 +345,9 @@ def save_training_checkpoint(trainer: Any) -> Path:
 
     args, state = trainer.args, trainer.state
     rank, world = trainer.dist.rank, trainer.dist.world_size
-    for reporter in trainer._reporters:
-        # Integrations must have processed every event (e.g. created their run) before
-        # their state (the run id) is saved.
-        reporter.drain()
+    # Integrations must have processed every event (e.g. created their run) before
+    # their state (the run id) is saved.
+    trainer._drain_reporters()
     root = Path(args.output_dir)
     step = state.global_step
     final = root / f"{PREFIX_CHECKPOINT_DIR}-{step}"

@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .callback import TrainerCallback
+from .checkpoint import atomic_checkpoint, collect_callback_states
 from .control import TrainerControl
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
@@ -21,17 +24,58 @@ from .reporting import IntegrationFailure, Reporter
 from .state import TrainerState
 from .training_args import TrainingArguments
 
-__all__ = ["ScriptedFailure", "ScriptedRun", "scripted_run", "tiny_model"]
+__all__ = ["CrashAt", "ScriptedFailure", "ScriptedRun", "TinyRegressor", "scripted_run", "tiny_dataset", "tiny_model"]
 
 
 class ScriptedFailure(RuntimeError):
     """The error :func:`scripted_run` raises at ``fail_at_step`` to exercise crash handling."""
 
 
+class CrashAt(TrainerCallback):
+    """Raises :class:`ScriptedFailure` ``"crash at step N"`` in a real training run.
+
+    Args:
+        step: The global step to crash at.
+        before_next_step: Crash when step ``step + 1`` begins (after step ``step``'s
+            log, evaluation and checkpoint) instead of when step ``step`` ends (before them).
+    """
+
+    def __init__(self, step: int, *, before_next_step: bool = False) -> None:
+        self.step = step
+        self.before_next_step = before_next_step
+
+    def on_step_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Crash here when ``before_next_step``."""
+        if self.before_next_step and state.global_step == self.step:
+            raise ScriptedFailure(f"crash at step {self.step}")
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Crash here unless ``before_next_step``."""
+        if not self.before_next_step and state.global_step == self.step:
+            raise ScriptedFailure(f"crash at step {self.step}")
+
+
+class TinyRegressor(torch.nn.Module):
+    """Linear model whose ``forward(x, y)`` returns the MSE loss, with a ``config`` as trackers see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.config = {"in_features": 4, "note": None}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the mean squared error of the prediction."""
+        return torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
+
+
+def tiny_dataset(n: int = 32, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """A ``TensorDataset`` of ``(x, y)`` with 4 features and ``y = x.sum(-1)``, for :class:`TinyRegressor`."""
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.TensorDataset(x, x.sum(-1))
+
+
 def tiny_model() -> Any:
     """A two-layer torch model with a ``config`` dict, as trackers see real models."""
-    import torch
-
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     model.config = {"hidden_size": 8, "num_layers": 2, "activation": "relu"}  # type: ignore[assignment]
     return model
@@ -153,11 +197,16 @@ def scripted_run(
         control = handler.on_evaluate(args, st, control, metrics)
 
     def save() -> None:
+        # A committed checkpoint like the Trainer's (manifest, callback states), so
+        # ``latest_checkpoint`` finds it and a resumed scripted run can load its state.
         nonlocal control
+        if isinstance(target, Reporter):
+            target.drain()
+        st.stateful_callbacks = collect_callback_states(handler.callbacks, control)
+        with atomic_checkpoint(out, st.global_step) as tmp:
+            (tmp / "pytorch_model.bin").write_bytes(b"weights")
+            st.save_to_json(str(tmp / "trainer_state.json"))
         folder = out / f"checkpoint-{st.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "pytorch_model.bin").write_bytes(b"weights")
-        st.save_to_json(str(folder / "trainer_state.json"))
         run.checkpoints.append(str(folder))
         control = handler.on_save(args, st, control, checkpoint=folder)
 

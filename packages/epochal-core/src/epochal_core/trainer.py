@@ -218,6 +218,7 @@ class Trainer:
         self.integration_failures: list[IntegrationFailure] = []
         #: Set when the last ``train()`` stopped because of SIGTERM/SIGINT.
         self.preempted = False
+        self._training = False
         self._reporters: list[Reporter] = []
         self.callback_handler = CallbackHandler(
             [DefaultFlowCallback()], self.model, processing_class, optimizer, lr_scheduler
@@ -497,11 +498,18 @@ class Trainer:
         self.preempted = False
         with PreemptionGuard(self.args.save_on_preemption) as guard:
             self._preemption = guard
+            self._training = True
             try:
                 return self._inner_training_loop(checkpoint)
             except BaseException as err:
                 self._finalize_failure(err)
                 raise
+            finally:
+                self._training = False
+
+    def _drain_reporters(self) -> None:
+        for reporter in self._reporters:
+            reporter.drain()
 
     def _finalize_failure(self, err: BaseException) -> None:
         # Every callback hears about the crash (integrations mark their runs
@@ -717,8 +725,7 @@ class Trainer:
         }
         self.log(metrics)
         self.control = handler.on_train_end(args, self.state, self.control)
-        for reporter in self._reporters:
-            reporter.drain()
+        self._drain_reporters()
         if self.integration_failures:
             logger.warning(
                 "Training finished, but these integrations failed and were disabled: %s",
@@ -838,6 +845,9 @@ class Trainer:
         output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None)
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        if not self._training:
+            # Outside training nothing drains later: the caller expects its metrics to be logged.
+            self._drain_reporters()
         return output.metrics
 
     def predict(
@@ -847,6 +857,8 @@ class Trainer:
         dataloader = self.get_test_dataloader(test_dataset)
         output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        if not self._training:
+            self._drain_reporters()
         return output
 
     def prediction_step(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor | None, Any, Any]:
