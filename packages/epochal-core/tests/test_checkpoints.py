@@ -272,3 +272,36 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
     assert latest_checkpoint(out).name == "checkpoint-4"
     resumed = _train(out, ("none", 0))
     assert "done 12 False" in resumed.stdout
+
+
+def test_log_history_is_stored_once_and_restored_whole(tmp_path, monkeypatch):
+    import epochal_core.log_history as lh
+
+    monkeypatch.setattr(lh, "LOG_HISTORY_TAIL", 3)
+    straight = run(tmp_path / "a", max_steps=10)
+    with pytest.raises(ScriptedFailure):
+        run(tmp_path / "b", max_steps=10, callbacks=[CrashAt(7)])
+    saved = json.loads((tmp_path / "b" / "checkpoint-5" / "trainer_state.json").read_text())
+    assert [h["step"] for h in saved["log_history"]] == [3, 4, 5]  # only the tail inline
+    record = saved["stateful_callbacks"][lh.RECORD_KEY]["attributes"]
+    assert record["lines"] == 5
+    files = list((tmp_path / "b").glob("log_history-*.jsonl"))
+    assert [f.name for f in files] == [record["file"]]
+    resumed = run(tmp_path / "b", resume=True, max_steps=10)
+    assert comparable(straight.state.log_history) == comparable(resumed.state.log_history)
+    # The file never holds the crashed run's steps 6-7 twice: one line per log of the final history.
+    assert len(files[0].read_text().splitlines()) == len(resumed.state.log_history) - 1  # summary log not saved
+
+
+def test_checkpoint_without_its_log_history_file_resumes_with_the_tail(tmp_path, monkeypatch, caplog):
+    import epochal_core.log_history as lh
+
+    monkeypatch.setattr(lh, "LOG_HISTORY_TAIL", 2)
+    out = tmp_path / "out"
+    with pytest.raises(ScriptedFailure):
+        run(out, max_steps=10, callbacks=[CrashAt(6)])
+    for f in out.glob("log_history-*.jsonl"):
+        f.unlink()
+    resumed = run(out, resume=True, max_steps=10)
+    assert "Cannot read the full log history" in caplog.text
+    assert [h["step"] for h in resumed.state.log_history[:3]] == [4, 5, 6]

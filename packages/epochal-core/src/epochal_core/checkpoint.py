@@ -371,7 +371,8 @@ def save_training_checkpoint(trainer: Any) -> Path:
             if state.best_global_step == step or best.is_dir():
                 state.best_model_checkpoint = str(best)
         state.stateful_callbacks = collect_callback_states(trainer.callback_handler.callbacks, trainer.control)
-        write_text(state.to_json_string(), tmp / "trainer_state.json")
+        record = trainer._log_store.persist(root, state.log_history)
+        write_text(trainer._log_store.state_json(state, record), tmp / "trainer_state.json")
         write_text(args.to_json_string(), tmp / TRAINING_ARGS_NAME)
     barrier()
     if rank == 0:
@@ -396,6 +397,7 @@ def load_training_checkpoint(trainer: Any, path: Path) -> Any:
         raise CheckpointError(f"Checkpoint file {str(path / 'trainer_state.json')!r} is unreadable: {err}") from err
     state.is_local_process_zero = trainer.is_local_process_zero()
     state.is_world_process_zero = trainer.is_world_process_zero()
+    trainer._log_store.restore(state, path, args.output_dir)
     trainer.state = state
     trainer.model.load_state_dict(load_file(path / WEIGHTS_NAME))
     if not (path / OPTIMIZER_NAME).exists():

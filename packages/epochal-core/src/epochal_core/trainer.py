@@ -33,6 +33,7 @@ from .distributed import all_reduce_, any_rank, barrier, dist_info, ensure_proce
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
+from .log_history import LogHistoryStore
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .report_to import resolve_report_to
@@ -563,6 +564,7 @@ class Trainer:
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
+        self._log_store = LogHistoryStore()
         self.state.train_batch_size = args.per_device_train_batch_size
         self.state.compute_steps(args, max_steps)
         self.create_optimizer_and_scheduler(max_steps)
