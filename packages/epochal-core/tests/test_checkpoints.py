@@ -224,6 +224,10 @@ class Hook(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
         if kill_kind == "term" and state.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
+        if kill_kind in ("int", "int2") and state.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGINT)
+            if kill_kind == "int2":
+                os.kill(os.getpid(), signal.SIGINT)
 torch.manual_seed(0)
 args = TrainingArguments(output_dir={out!r}, report_to="none", disable_tqdm=True, max_steps=12, save_steps=3,
                          per_device_train_batch_size=4, logging_steps=1, seed=7)
@@ -305,3 +309,15 @@ def test_checkpoint_without_its_log_history_file_resumes_with_the_tail(tmp_path,
     resumed = run(out, resume=True, max_steps=10)
     assert "Cannot read the full log history" in caplog.text
     assert [h["step"] for h in resumed.state.log_history[:3]] == [4, 5, 6]
+
+
+@pytest.mark.slow
+def test_first_sigint_stops_gracefully_and_second_aborts(tmp_path):
+    graceful = _train(tmp_path / "once", ("int", 4))
+    assert graceful.returncode == 0, graceful.stderr
+    assert "done 4 True" in graceful.stdout and "Received SIGINT" in graceful.stderr
+    assert latest_checkpoint(tmp_path / "once").name == "checkpoint-4"
+    aborted = _train(tmp_path / "twice", ("int2", 4))
+    assert aborted.returncode != 0
+    assert "KeyboardInterrupt" in aborted.stderr and "done" not in aborted.stdout
+    assert latest_checkpoint(tmp_path / "twice").name == "checkpoint-3"  # no save after the abort
