@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from epochal_core.checkpoint import latest_checkpoint
 from epochal_core.integrations import IntegrationCallback
 
 if TYPE_CHECKING:
@@ -236,6 +235,8 @@ class DVCLiveCallback(IntegrationCallback):
             return "best", Path(best)
         if self._last_checkpoint is not None and Path(self._last_checkpoint).is_dir():
             return "last", Path(self._last_checkpoint)
+        from epochal_core.checkpoint import latest_checkpoint  # imports torch: only when needed
+
         newest = latest_checkpoint(args.output_dir)
         return ("last", newest) if newest is not None else None
 

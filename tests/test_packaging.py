@@ -1,0 +1,328 @@
+"""Package metadata consistency across ``packages/*`` (DESIGN.md section 2, CONVENTIONS.md 1, 2, 7, 12).
+
+Read from the ``pyproject.toml`` files and the source tree, nothing installed is
+trusted, except for the slow test at the end: it builds each integration's wheel
+and resolves it alone, as ``pip install epochal-<word>`` would in a fresh
+environment, to show that it pulls in its SDK and nothing of the other integrations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from email.parser import Parser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from epochal_core.report_to import KNOWN_INTEGRATIONS
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the workspace supports 3.10, where tomllib is missing
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP = "epochal.integrations"
+CORE = "epochal-core"
+#: DESIGN.md section 2: the core depends on these only.
+CORE_DEPENDENCIES = {"torch", "typing-extensions", "tqdm"}
+#: The meta-package (when it exists) depends on everything and registers nothing.
+META = "epochal"
+#: Distribution -> report_to name, where it is not the distribution's word (epochal-comet: "comet_ml").
+KNOWN_NAMES = {dist: name for name, dist in KNOWN_INTEGRATIONS.items()}
+
+PACKAGE_DIRS = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
+INTEGRATION_DIRS = [p for p in PACKAGE_DIRS if p.name.startswith("epochal-") and p.name != CORE]
+
+
+def load(folder: Path) -> dict[str, Any]:
+    with (folder / "pyproject.toml").open("rb") as fobj:
+        data: dict[str, Any] = tomllib.load(fobj)
+    return data
+
+
+def project(folder: Path) -> dict[str, Any]:
+    return dict(load(folder)["project"])
+
+
+def dependencies(folder: Path) -> list[Requirement]:
+    return [Requirement(line) for line in project(folder).get("dependencies", [])]
+
+
+def word(folder: Path) -> str:
+    return folder.name.removeprefix("epochal-")
+
+
+def import_name(folder: Path) -> str:
+    return folder.name.replace("-", "_")
+
+
+def sdk_of(folder: Path) -> str:
+    (sdk,) = [canonicalize_name(r.name) for r in dependencies(folder) if canonicalize_name(r.name) != CORE]
+    return sdk
+
+
+def next_release(version: Version) -> str:
+    """The first version a compatible range must exclude: next minor below 1.0, next major from 1.0."""
+    return f"0.{version.minor + 1}.0" if version.major == 0 else f"{version.major + 1}.0.0"
+
+
+@pytest.fixture(params=PACKAGE_DIRS, ids=[p.name for p in PACKAGE_DIRS])
+def package(request: pytest.FixtureRequest) -> Path:
+    return Path(request.param)
+
+
+@pytest.fixture(params=INTEGRATION_DIRS, ids=[p.name for p in INTEGRATION_DIRS])
+def integration(request: pytest.FixtureRequest) -> Path:
+    return Path(request.param)
+
+
+# -- the workspace as a whole ---------------------------------------------------------------------------
+
+
+def test_workspace_has_the_core_and_integrations() -> None:
+    assert ROOT / "packages" / CORE in PACKAGE_DIRS
+    assert INTEGRATION_DIRS
+
+
+def test_one_version_for_all_packages() -> None:
+    versions = {p.name: project(p)["version"] for p in PACKAGE_DIRS}
+    assert len(set(versions.values())) == 1, versions
+    init = (ROOT / "packages" / CORE / "src" / "epochal_core" / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"', init, re.MULTILINE)
+    assert match and match.group(1) == versions[CORE], "epochal_core.__version__ differs from its pyproject"
+
+
+def test_meta_package_pins_every_package() -> None:
+    """``epochal`` (the meta-package, once it exists) depends on every package at exactly this version."""
+    meta = ROOT / "packages" / META
+    if not meta.is_dir():
+        pytest.skip("no meta-package yet")
+    version = project(meta)["version"]
+    pins = {canonicalize_name(r.name): str(r.specifier) for r in dependencies(meta)}
+    assert pins == {p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta}
+
+
+def test_same_python_requirement_everywhere() -> None:
+    wanted = {p.name: project(p).get("requires-python") for p in PACKAGE_DIRS}
+    wanted["(root)"] = load(ROOT)["project"].get("requires-python")
+    assert len(set(wanted.values())) == 1, wanted
+
+
+def test_root_installs_every_package_from_the_workspace() -> None:
+    root = load(ROOT)
+    names = {p.name for p in PACKAGE_DIRS}
+    assert {canonicalize_name(Requirement(r).name) for r in root["project"]["dependencies"]} == names
+    sources = root["tool"]["uv"]["sources"]
+    assert {name for name, source in sources.items() if source == {"workspace": True}} >= names
+    assert root["tool"]["uv"]["workspace"]["members"] == ["packages/*"]
+
+
+def test_test_file_names_are_unique() -> None:
+    """One pytest session runs every package's tests; a file name may appear only once."""
+    files = [p.name for p in ROOT.glob("packages/*/tests/test_*.py")] + [p.name for p in ROOT.glob("tests/test_*.py")]
+    assert [name for name, n in Counter(files).items() if n > 1] == []
+
+
+def test_no_forbidden_imports_between_packages() -> None:
+    """``tools/check_imports.py --check``: the core imports no package, integrations only the core."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_imports.py"), "--check"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_import_check_catches_an_integration_importing_another(tmp_path: Path) -> None:
+    """The checker itself: a synthetic workspace with the two forbidden kinds of import fails ``--check``."""
+    sources = {
+        "epochal-core/src/epochal_core/__init__.py": "from epochal_alpha import AlphaCallback\n",
+        "epochal-alpha/src/epochal_alpha/__init__.py": "from epochal_core import TrainerCallback\n",
+        "epochal-beta/src/epochal_beta/__init__.py": (
+            "import importlib\nfrom typing import TYPE_CHECKING\nfrom . import _impl\n"
+            "if TYPE_CHECKING:\n    import epochal_alpha.sub\n"
+        ),
+        "epochal-beta/src/epochal_beta/_impl.py": "def f():\n    return importlib.import_module('epochal_alpha')\n",
+    }
+    for name, text in sources.items():
+        (tmp_path / "packages" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "packages" / name).write_text(text)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_imports.py"), "--check", "--root", str(tmp_path)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert done.returncode == 1
+    assert sorted(line for line in done.stderr.splitlines() if line.startswith("forbidden")) == [
+        "forbidden import: packages/epochal-beta/src/epochal_beta/__init__.py:5: epochal_beta imports epochal_alpha",
+        "forbidden import: packages/epochal-beta/src/epochal_beta/_impl.py:2: epochal_beta imports epochal_alpha",
+        "forbidden import: packages/epochal-core/src/epochal_core/__init__.py:1: epochal_core imports epochal_alpha",
+    ]
+
+
+# -- every package --------------------------------------------------------------------------------------
+
+
+def test_layout_and_names(package: Path) -> None:
+    meta = project(package)
+    assert meta["name"] == package.name, "folder name == distribution name"
+    assert meta.get("readme") == "README.md" and (package / "README.md").is_file()
+    assert (package / "README.md").read_text(encoding="utf-8").strip()
+    src = package / "src" / import_name(package)
+    assert (src / "__init__.py").is_file(), f"src layout: {src}"
+    assert (src / "py.typed").is_file(), "py.typed marks the package as typed"
+    assert load(package)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == [
+        f"src/{import_name(package)}"
+    ]
+    assert list((package / "tests").glob("test_*.py")), "each package has its own tests"
+
+
+def test_no_dev_tools_in_packages(package: Path) -> None:
+    """Dev tools live in the root ``dev`` group only (one lock, one dev group)."""
+    data = load(package)
+    assert "dependency-groups" not in data
+    assert not {"dev", "test", "tests"} & set(data["project"].get("optional-dependencies", {}))
+
+
+def test_core_depends_on_no_workspace_package() -> None:
+    core = ROOT / "packages" / CORE
+    assert {canonicalize_name(r.name) for r in dependencies(core)} == CORE_DEPENDENCIES
+    assert GROUP not in project(core).get("entry-points", {})
+
+
+def test_integration_dependencies(integration: Path) -> None:
+    """The core in a compatible range, and exactly one SDK (never another integration)."""
+    version = Version(project(integration)["version"])
+    deps = dependencies(integration)
+    core = [r for r in deps if canonicalize_name(r.name) == CORE]
+    assert len(core) == 1, f"{integration.name} must depend on {CORE}"
+    spec = core[0].specifier
+    assert spec.contains(version), f"{core[0]} excludes the current core {version}"
+    assert spec.contains(Version(f"{version.major}.{version.minor}.{version.micro + 1}")), \
+        f"{core[0]} pins the core: use a compatible range (CONVENTIONS.md 12)"
+    assert not spec.contains(Version(next_release(version))), f"{core[0]} has no upper bound"
+    others = [r for r in deps if canonicalize_name(r.name) != CORE]
+    assert len(others) == 1, f"exactly one SDK, not {[str(r) for r in others]}"
+    assert not canonicalize_name(others[0].name).startswith("epochal"), "an integration never depends on another"
+    assert not others[0].url and not others[0].marker, f"SDK {others[0]} must be a plain, unconditional requirement"
+    assert load(integration)["tool"]["uv"]["sources"] == {CORE: {"workspace": True}}
+
+
+def test_integration_entry_point(integration: Path) -> None:
+    points = project(integration).get("entry-points", {})
+    assert set(points) == {GROUP}, f"only the {GROUP!r} group, got {sorted(points)}"
+    ((name, value),) = points[GROUP].items()
+    module, _, cls = value.partition(":")
+    assert module == import_name(integration)
+    assert re.fullmatch(r"[A-Z][A-Za-z0-9]*Callback", cls), value
+    assert cls.lower() == word(integration).replace("-", "") + "callback"
+    text = (integration / "src" / module / "__init__.py").read_text(encoding="utf-8")
+    assert re.search(rf"\b{cls}\b", text), f"{module} does not define or re-export {cls}"
+    assert name == KNOWN_NAMES.get(integration.name, word(integration)), "report_to name of the package"
+
+
+def test_integration_has_its_test_file(integration: Path) -> None:
+    assert (integration / "tests" / f"test_{word(integration).replace('-', '_')}.py").is_file()
+
+
+# -- built wheels, resolved alone (slow: builds and a resolution against the package index) -------------
+
+
+def _uv() -> str:
+    found = os.environ.get("UV") or shutil.which("uv")
+    if not found:
+        pytest.skip("uv is not on PATH")
+    return found
+
+
+def _uv_env(cache: Path) -> dict[str, str]:
+    """The environment of a ``uv`` subprocess.
+
+    The root conftest points HTTP(S)_PROXY at a closed port (so no SDK can phone
+    home) and HOME at a temp folder; uv is a separate process that must reach its
+    package index to fetch hatchling and resolve, so only for uv the proxies are
+    removed, and its cache is a temp folder (unless UV_CACHE_DIR names one), never the real home.
+    """
+    env = {k: v for k, v in os.environ.items() if k.upper() not in {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
+    env.pop("VIRTUAL_ENV", None)
+    env.setdefault("UV_CACHE_DIR", str(cache))
+    env["UV_NO_PROGRESS"] = "1"
+    return env
+
+
+def _run_uv(args: list[str], cache: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [_uv(), *args], cwd=ROOT, env=_uv_env(cache), capture_output=True, text=True, check=False, timeout=300,
+        **kwargs,
+    )
+    if done.returncode != 0 and re.search(r"error sending request|dns error|Connection refused|timed out", done.stderr):
+        pytest.skip(f"the package index is unreachable: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> dict[str, Path]:
+    """Every workspace package built once as a wheel: distribution name -> file."""
+    out = tmp_path_factory.mktemp("wheels")
+    for folder in PACKAGE_DIRS:
+        _run_uv(["build", "--wheel", "--package", folder.name, "--out-dir", str(out)], uv_cache)
+    built: dict[str, Path] = {canonicalize_name(p.name.split("-")[0]): p for p in out.glob("*.whl")}
+    assert set(built) == {p.name for p in PACKAGE_DIRS}, sorted(built)
+    return built
+
+
+def wheel_metadata(path: Path) -> tuple[Any, str]:
+    """The wheel's ``METADATA`` (parsed) and ``entry_points.txt``."""
+    with zipfile.ZipFile(path) as zf:
+        info = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        points = next((n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")), None)
+        return Parser().parsestr(zf.read(info).decode()), zf.read(points).decode() if points else ""
+
+
+@pytest.mark.slow
+def test_wheel_installs_its_sdk_and_nothing_of_the_other_integrations(
+    integration: Path, wheels: dict[str, Path], uv_cache: Path
+) -> None:
+    """Issue 5 item 6: the wheel alone resolves to the core + its SDK (+ theirs), no other integration."""
+    wheel = wheels[integration.name]
+    metadata, points = wheel_metadata(wheel)
+    assert metadata["Name"] == integration.name and metadata["Version"] == project(integration)["version"]
+    requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
+    assert {canonicalize_name(r.name) for r in requires} == {CORE, sdk_of(integration)}
+    assert all(r.url is None for r in requires), "a workspace source leaked into the wheel's metadata"
+    assert f"[{GROUP}]" in points and f"= {import_name(integration)}:" in points
+    with zipfile.ZipFile(wheel) as zf:
+        assert f"{import_name(integration)}/py.typed" in zf.namelist()
+
+    # Both wheels as direct requirements: the core must satisfy the integration's range,
+    # and no epochal-* name is ever looked up on the public index.
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    requirement_lines = f"{integration.name} @ {wheel.as_uri()}\n{CORE} @ {wheels[CORE].as_uri()}\n"
+    done = _run_uv(
+        ["pip", "compile", "-", "--python-version", python, "--no-header", "--no-annotate", "--quiet"],
+        uv_cache, input=requirement_lines,
+    )
+    resolved = {
+        canonicalize_name(re.split(r"\s*(?:==| @ )", line.strip(), maxsplit=1)[0])
+        for line in done.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    }
+    assert {integration.name, CORE, sdk_of(integration)} <= resolved, sorted(resolved)
+    for other in INTEGRATION_DIRS:
+        if other != integration:
+            assert other.name not in resolved
+            assert sdk_of(other) not in resolved, f"{integration.name} pulls in {sdk_of(other)}"
+    assert {name for name in resolved if name.startswith("epochal")} == {integration.name, CORE}
