@@ -196,7 +196,7 @@ def test_early_stopping_and_best_model(tmp_path):
     assert trainer.state.global_step == 8  # best at 4, two evaluations without improvement
     assert trainer.state.best_global_step == 4
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
-    kept = sorted(p.name for p in (tmp_path / "out").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
     assert kept == ["checkpoint-4", "checkpoint-8"]  # limit 1 + the best one
 
 

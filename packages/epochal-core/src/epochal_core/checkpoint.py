@@ -365,11 +365,12 @@ def save_training_checkpoint(trainer: Any) -> Path:
                 save_file(trainer.scaler.state_dict(), tmp / SCALER_NAME)
     if not args.save_only_model:
         save_file(rng_state(), tmp / (f"rng_state_{rank}.pth" if world > 1 else "rng_state.pth"))
+    # On every rank: load_best_model_at_end reads it, and the ranks must agree on it.
+    if state.best_global_step is not None:
+        best = root / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+        if state.best_global_step == step or best.is_dir():
+            state.best_model_checkpoint = str(best)
     if rank == 0:
-        if state.best_global_step is not None:
-            best = root / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
-            if state.best_global_step == step or best.is_dir():
-                state.best_model_checkpoint = str(best)
         state.stateful_callbacks = collect_callback_states(trainer.callback_handler.callbacks, trainer.control)
         record = trainer._log_store.persist(root, state.log_history)
         write_text(trainer._log_store.state_json(state, record), tmp / "trainer_state.json")

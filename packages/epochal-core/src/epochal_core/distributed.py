@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_", "any_rank", "barrier", "dist_info", "ensure_process_group"]
+__all__ = ["DistInfo", "all_reduce_", "any_rank", "barrier", "dist_info", "ensure_process_group", "sync_flags"]
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,18 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def sync_flags(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """OR each flag over all ranks with one small all-reduce (MAX); the local values in one process.
+
+    Every rank must call it at the same point with the same number of flags.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank (one tiny all-reduce; local value in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return sync_flags([flag], device)[0]

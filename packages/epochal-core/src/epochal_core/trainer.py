@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import checkpoint as ckpt
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
-from .distributed import all_reduce_, any_rank, barrier, dist_info, ensure_process_group
+from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
@@ -47,6 +47,8 @@ __all__ = ["EvalPrediction", "PredictionOutput", "TrainOutput", "Trainer", "set_
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "pytorch_model.bin"
+# The flags callbacks may set differently per rank; synchronised at step boundaries under DDP.
+_CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
 
 
 class EvalPrediction(NamedTuple):
@@ -111,6 +113,12 @@ def _move(batch: Any, device: torch.device) -> Any:
             return moved
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
+
+
+def _grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    norm: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return norm
 
 
 def _describe(obj: Any) -> str:
@@ -655,9 +663,14 @@ class Trainer:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     skip_update = False
                     if policy != "off":
-                        bad = ~torch.isfinite(update_loss)
-                        if grad_norm is not None:
-                            bad = bad | ~torch.isfinite(grad_norm)
+                        if self.is_distributed:
+                            # The all-reduced gradients are the same on every rank, a rank's own
+                            # loss is not: deciding on them keeps the replicas identical.
+                            bad = ~torch.isfinite(grad_norm if grad_norm is not None else _grad_norm(params))
+                        else:
+                            bad = ~torch.isfinite(update_loss)
+                            if grad_norm is not None:
+                                bad = bad | ~torch.isfinite(grad_norm)
                         if sync_free_guard and self.scaler is None:
                             # Fused AdamW skips the update on the device when found_inf is set:
                             # no host sync; the skip is counted and reported at the next log.
@@ -683,19 +696,23 @@ class Trainer:
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / steps_in_epoch
                     self.control = handler.on_step_end(args, self.state, self.control)
-                    if self._preemption_requested():
+                    if self._sync_control(preemption=True):
                         # Save as an ordinary checkpoint (not a "stopped" one), then stop.
                         self.preempted = True
                         self.control.should_save = True
                     self._maybe_log_save_evaluate(grad_norm, learning_rate)
                     if self.preempted:
                         self.control.should_training_stop = True
-                if self.control.should_epoch_stop or self.control.should_training_stop:
+                if (self.control.should_epoch_stop or self.control.should_training_stop) and (
+                    is_update or not self.is_distributed
+                ):
+                    # Under DDP a flag raised mid-accumulation waits for the step boundary's sync.
                     break
             if step < skip:
                 logger.warning("The training dataloader yielded no batch in epoch %d; stopping.", epoch)
                 self.control.should_training_stop = True
             self.control = handler.on_epoch_end(args, self.state, self.control)
+            self._sync_control()
             self._maybe_log_save_evaluate(grad_norm, learning_rate)
             if self.control.should_training_stop:
                 break
@@ -713,6 +730,9 @@ class Trainer:
         if args.load_best_model_at_end and self.state.best_model_checkpoint and not self.preempted:
             barrier()
             self._load_best_model()
+        if self.is_distributed:
+            all_reduce_(self._tr_loss)
+            self._tr_loss /= self.dist.world_size
         remaining = self._to_host(self._tr_loss)[0]
         self._total_loss_scalar += remaining
         steps_done = self.state.global_step - start_step
@@ -741,13 +761,23 @@ class Trainer:
             )
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
-    def _preemption_requested(self) -> bool:
+    def _sync_control(self, preemption: bool = False) -> bool:
+        """Make the control flags the same on every rank; return whether any rank got a stop signal.
+
+        Under DDP a flag raised on one rank (a callback stopping, saving, a SIGTERM)
+        is raised on all, with one small all-reduce (MAX) that carries the preemption
+        request too; in one process nothing is exchanged. ``preemption=False`` leaves
+        the signal to the next step boundary.
+        """
         guard = getattr(self, "_preemption", None)
-        requested = guard is not None and guard.requested is not None
-        if self.is_distributed and self.args.save_on_preemption:
-            # One rank's signal stops all ranks at the same step.
-            return any_rank(requested, self.device)
-        return requested
+        requested = preemption and guard is not None and guard.requested is not None
+        if not self.is_distributed:
+            return requested
+        control = self.control
+        synced = sync_flags([requested, *(getattr(control, flag) for flag in _CONTROL_FLAGS)], self.device)
+        for flag, value in zip(_CONTROL_FLAGS, synced[1:]):
+            setattr(control, flag, value)
+        return synced[0]
 
     def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         what = f"loss={loss.item()}" + (f", grad_norm={grad_norm.item()}" if grad_norm is not None else "")
@@ -767,10 +797,9 @@ class Trainer:
             parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
             stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
             if self.is_distributed:
+                # The mean loss over ranks; the skip count and the gradient norm are the same on every rank.
                 all_reduce_(stacked)
-                stacked[0] /= self.dist.world_size
-                if grad_norm is not None:
-                    stacked[2] /= self.dist.world_size
+                stacked /= self.dist.world_size
             values = self._to_host(stacked)
             self._tr_loss.zero_()
             skipped = int(values[1])
@@ -785,15 +814,19 @@ class Trainer:
             self._total_loss_scalar += values[0]
             self._globalstep_last_logged = self.state.global_step
             self.log(logs)
-        if control.should_evaluate:
+            # Callbacks ran: under DDP, agree again on what happens next (only on steps with events).
+            self._sync_control()
+        if self.control.should_evaluate:
             metrics = self.evaluate()
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_new_best
+            self._sync_control()
         if self.control.should_save:
             path = ckpt.save_training_checkpoint(self)
             self._last_saved_step = self.state.global_step
             self.control = self.callback_handler.on_save(self.args, self.state, self.control, checkpoint=path)
+            self._sync_control()
 
     def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -917,7 +950,8 @@ class Trainer:
                 self.control = handler.on_prediction_step(self.args, self.state, self.control)
         finally:
             model.train(was_training)
-        if self.is_distributed:
+        # An iterable dataset is not sharded: every rank saw all of it, and gathering would repeat it.
+        if self.is_distributed and isinstance(getattr(dataloader, "batch_sampler", None), EpochBatchSampler):
             totals = torch.stack([loss_sum, count, torch.tensor(float(has_loss), device=self.device).double()])
             all_reduce_(totals)
             loss_sum, count, has_loss = totals[0], totals[1], bool(totals[2] > 0)
