@@ -1,0 +1,89 @@
+"""Cost of logging every step (issue 7.3): TensorBoard via epochal's background reporter vs transformers.
+
+    uv run --group bench python tools/bench/logging_cost.py            # ~2-3 min
+    uv run --group bench python tools/bench/logging_cost.py --quick
+
+Tiny workload (MLP 32-64-2, batch 32, 2000 steps, dict dataset through a
+DataLoader), ``disable_tqdm=True`` everywhere (PrinterCallback prints each log,
+into os.devnull), variants one after the other (integrations run threads of
+their own, so lockstep would charge their work to the wrong variant), rotated
+every round:
+
+  no logging         logging_strategy="no", report_to="none"
+  log every step     logging_steps=1, report_to="none" (the log machinery + printing)
+  + tensorboard      logging_steps=1, report_to=["tensorboard"]
+
+"wall" is the training loop's steady steps/s (what the loop loses on this
+2-core machine, the integration's threads running beside it); "cpu" is steps per
+CPU-second of the whole process (all threads: the total work); "e2e" is the whole
+train() call, which for epochal includes draining the reporter queue at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from benchlib import (
+    TINY,
+    Result,
+    Variant,
+    eprint,
+    fmt_ratio,
+    importable,
+    interleave,
+    make_data,
+    median,
+    paired_ratios,
+    run_epochal,
+    run_transformers,
+    silence_loggers,
+    table,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-anchors", action="store_true")
+    ns = p.parse_args(argv)
+    torch.set_num_threads(1)
+    silence_loggers()
+    w = TINY
+    rounds = ns.rounds
+    if ns.quick:
+        w, rounds = TINY.scaled(steps=300, warm=50), 1
+    data = make_data(w)
+    groups: list[tuple[str, list[Variant]]] = [("epochal", [
+        ("no logging", lambda w: run_epochal(w, data.dicts)),
+        ("log every step", lambda w: run_epochal(w, data.dicts, logging_steps=1)),
+        ("log every step + tensorboard",
+         lambda w: run_epochal(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
+    ])]
+    if not ns.no_anchors and importable("transformers"):
+        groups.append(("transformers", [
+            ("no logging", lambda w: run_transformers(w, data.dicts)),
+            ("log every step", lambda w: run_transformers(w, data.dicts, logging_steps=1)),
+            ("log every step + tensorboard",
+             lambda w: run_transformers(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
+        ]))
+    rows = []
+    for lib, variants in groups:
+        eprint(f"[logging] {lib}")
+        res: dict[str, list[Result]] = interleave(variants, w, rounds, warmup=w.scaled(w.warm + 20, w.warm),
+                                                  log=eprint)
+        ratios = {a: paired_ratios(res, "no logging", a) for a in ("steady", "cpu", "e2e")}
+        for name, rs in res.items():
+            rows.append([lib, name, f"{median([r.steady for r in rs]):.1f}", fmt_ratio(ratios["steady"][name]),
+                         f"{median(ratios['cpu'][name]):.3f}", f"{median(ratios['e2e'][name]):.3f}",
+                         f"{median([r.extra['t_after_last_forward'] for r in rs]) * 1e3:.0f}"])
+    print(f"### Logging every step, tiny workload ({w.steps} steps, {rounds} rounds)\n")
+    print(table(rows, ["library", "variant", "steps/s", "wall ratio to no logging", "cpu ratio", "e2e ratio",
+                       "ms after last forward"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
