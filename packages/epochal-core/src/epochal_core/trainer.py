@@ -455,7 +455,8 @@ class Trainer:
         inputs = _move(inputs, self.device)
         with self._autocast():
             loss = self.compute_loss(model, inputs)
-        loss = loss / num_micro_batches
+        if num_micro_batches > 1:
+            loss = loss / num_micro_batches
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -642,18 +643,18 @@ class Trainer:
             num_micro = ga
             for inputs in iterator:
                 step += 1
-                if step % ga == 0:
+                first_micro = step % ga == 0
+                if first_micro:
                     self.control = handler.on_step_begin(args, self.state, self.control)
                     num_micro = min(ga, steps_in_epoch - step) if len_dl is not None else ga
-                    update_loss.zero_()
                 is_update = (step + 1) % ga == 0 or step + 1 == steps_in_epoch
-                no_sync = (
-                    model.no_sync()  # type: ignore[operator]
-                    if self.is_distributed and not is_update
-                    else contextlib.nullcontext()
-                )
-                with no_sync:
-                    update_loss += self.training_step(model, inputs, num_micro)
+                if self.is_distributed and not is_update:
+                    with model.no_sync():  # type: ignore[operator]
+                        micro_loss = self.training_step(model, inputs, num_micro)
+                else:
+                    micro_loss = self.training_step(model, inputs, num_micro)
+                # The first micro-batch's loss starts the sum: no zeroing op per update.
+                update_loss = micro_loss if first_micro else update_loss + micro_loss
                 if not is_update:
                     self.control = handler.on_substep_end(args, self.state, self.control)
                 else:
@@ -663,21 +664,22 @@ class Trainer:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     skip_update = False
                     if policy != "off":
-                        if self.is_distributed:
-                            # The all-reduced gradients are the same on every rank, a rank's own
-                            # loss is not: deciding on them keeps the replicas identical.
-                            bad = ~torch.isfinite(grad_norm if grad_norm is not None else _grad_norm(params))
-                        else:
-                            bad = ~torch.isfinite(update_loss)
-                            if grad_norm is not None:
-                                bad = bad | ~torch.isfinite(grad_norm)
+                        # Under DDP the all-reduced gradients are the same on every rank, a rank's
+                        # own loss is not: deciding on them keeps the replicas identical.
+                        checked = (
+                            [grad_norm if grad_norm is not None else _grad_norm(params)]
+                            if self.is_distributed
+                            else [update_loss] if grad_norm is None else [update_loss, grad_norm]
+                        )
                         if sync_free_guard and self.scaler is None:
                             # Fused AdamW skips the update on the device when found_inf is set:
                             # no host sync; the skip is counted and reported at the next log.
+                            bad = ~torch.isfinite(torch.stack(checked)).all()
                             self.optimizer.found_inf = bad.float()  # type: ignore[union-attr]
                             self._skipped += bad
                             update_loss = torch.where(bad, torch.zeros_like(update_loss), update_loss)
-                        elif bool(bad):
+                        elif not all(math.isfinite(value.item()) for value in checked):
+                            # Reading scalars costs less than a chain of tiny tensor ops on the CPU.
                             skip_update = True
                             self._skipped += 1
                             self._on_nonfinite(update_loss, grad_norm)
