@@ -28,7 +28,7 @@ __all__ = ["LOG_HISTORY_TAIL", "RECORD_KEY", "LogHistoryStore"]
 logger = logging.getLogger(__name__)
 
 #: Entries of ``log_history`` written inline into each checkpoint's ``trainer_state.json``.
-LOG_HISTORY_TAIL = 1000
+LOG_HISTORY_TAIL = 100
 RECORD_KEY = "epochal.log_history"
 
 
