@@ -663,7 +663,9 @@ class Trainer:
                     if clip:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     skip_update = False
-                    if policy != "off":
+                    # With fp16 the GradScaler owns overflow: it skips the step and lowers the
+                    # scale (early steps overflow by design), so the guard stays out of its way.
+                    if policy != "off" and self.scaler is None:
                         # Under DDP the all-reduced gradients are the same on every rank, a rank's
                         # own loss is not: deciding on them keeps the replicas identical.
                         checked = (
@@ -671,7 +673,7 @@ class Trainer:
                             if self.is_distributed
                             else [update_loss] if grad_norm is None else [update_loss, grad_norm]
                         )
-                        if sync_free_guard and self.scaler is None:
+                        if sync_free_guard:
                             # Fused AdamW skips the update on the device when found_inf is set:
                             # no host sync; the skip is counted and reported at the next log.
                             bad = ~torch.isfinite(torch.stack(checked)).all()

@@ -92,7 +92,8 @@ class TrainingArguments:
         ddp_find_unused_parameters: Passed to ``DistributedDataParallel``.
         nonfinite_policy: What to do when the loss or gradient norm is NaN/Inf, checked
             before the optimizer step: ``"skip"`` the update (default), ``"stop"``
-            training, or ``"off"``.
+            training, or ``"off"``. With ``fp16`` the loss scaler handles overflow
+            instead (it skips the step and lowers the scale).
         save_on_preemption: On SIGTERM/SIGINT, finish the step, save a checkpoint and stop.
         strict_integrations: Re-raise integration errors instead of disabling the
             integration. Default: the ``EPOCHAL_STRICT_INTEGRATIONS`` environment variable.
