@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import queue
 import statistics
 import sys
 import time
@@ -74,7 +73,7 @@ def run(w: Workload, data: Any, tracker: Any = None, small_queue: int = 0) -> di
     callbacks = [tracker] if tracker is not None else None
     trainer = epochal_trainer(w, data.dicts, logging_steps=1, callbacks=callbacks, clock=clock)
     if small_queue:
-        trainer._reporters[0]._queue = queue.Queue(small_queue)
+        trainer._reporters[0].capacity = small_queue
     res = _timed(trainer.train, clock, w.steps)
     times = clock.times
     out = {"loop": res.steady, "drain_s": res.extra["t_after_last_forward"], "e2e": res.e2e,

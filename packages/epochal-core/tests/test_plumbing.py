@@ -4,6 +4,7 @@ import sys
 import textwrap
 import threading
 
+import epochal_core
 import pytest
 from epochal_core import IntegrationCallback, Trainer, TrainerCallback, TrainingArguments
 from epochal_core.report_to import resolve_report_to
@@ -74,6 +75,39 @@ def test_slow_integration_does_not_block_training(tmp_path):
     assert tracker.threads == {"epochal-collecting"}
     assert tracker.logged[0][1]["train/loss"] == trainer.state.log_history[0]["loss"]
     assert tracker.status == "finished"
+
+
+def test_full_queue_makes_training_wait_and_drops_nothing(tmp_path, caplog):
+    """Capacity 3, a tracker slower than the loop: the backlog never passes 3, every log arrives in order."""
+    tracker = Collecting()
+    slow_log = tracker.log_metrics
+
+    def log_metrics(metrics, step, state):
+        threading.Event().wait(0.002)
+        slow_log(metrics, step, state)
+
+    tracker.log_metrics = log_metrics
+    backlogs = []
+
+    class WatchBacklog(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            backlogs.append(trainer._reporters[0].backlog)
+
+    args = make_args(tmp_path, max_steps=40)
+    trainer = Trainer(TinyRegressor(), args, train_dataset=DictDataset(), callbacks=[tracker, WatchBacklog()])
+    trainer._reporters[0].capacity = 3
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert [step for step, _ in tracker.logged] == [*range(1, 41), 40]
+    assert max(backlogs) <= 3 and max(backlogs) >= 2  # it filled up, and never past its capacity
+    assert caplog.text.count("queue of 3 events is full") == 1
+
+
+def test_reporter_rejects_an_empty_queue():
+    from epochal_core.reporting import Reporter
+
+    with pytest.raises(ValueError, match=r"capacity=0.*at least 1"):
+        Reporter(Collecting(), "collecting", capacity=0)
 
 
 def test_failing_integration_is_disabled_and_training_finishes(tmp_path, caplog):
@@ -184,6 +218,8 @@ def test_cli_lists_integrations_without_importing_them():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["report_to", "distribution", "version", "sdk"]
-    assert any(line.startswith("tensorboard") and "epochal-tensorboard" in line and "tensorboardx" in line.lower()
+    assert any(line.startswith("dvclive") and "epochal-dvclive" in line and "dvclive 3." in line for line in lines)
+    # TensorBoard needs no SDK: its column says so.
+    assert any(line.split() == ["tensorboard", "epochal-tensorboard", epochal_core.__version__, "none", "needed"]
                for line in lines)
     assert any(line.startswith("wandb") and "not installed" in line for line in lines)

@@ -1,4 +1,4 @@
-"""Tests of epochal_tensorboard: real tensorboardX writes, read back with TensorBoard's own reader."""
+"""Tests of epochal_tensorboard: its event files, read back with TensorBoard's own reader (which checks every CRC)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from epochal_core import Trainer, TrainerState, TrainingArguments
 from epochal_core.integrations import rewrite_logs
 from epochal_core.testing import CrashAt, ScriptedFailure, TinyRegressor, scripted_run, tiny_dataset
-from epochal_tensorboard import LOGGING_DIR_ENV, TensorBoardCallback
+from epochal_tensorboard import LOGGING_DIR_ENV, EventFileWriter, TensorBoardCallback, crc32c
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -127,13 +127,78 @@ def test_log_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_user_writer_is_used(tmp_path: Path) -> None:
-    from tensorboardX import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(logdir=str(tmp_path / "mine"))
+    writer = SummaryWriter(log_dir=str(tmp_path / "mine"))
     run = scripted_run(TensorBoardCallback(writer), output_dir=tmp_path / "out")
 
     assert_same_scalars(read_scalars(tmp_path / "mine"), expected_scalars(run.state.log_history))
+    assert json.loads(read_texts(tmp_path / "mine")["args"][0][1])["run_name"] == "scripted-run"
     assert not (tmp_path / "out" / "runs").exists()
+
+
+# -- the event-file writer ---------------------------------------------------------------------------
+
+
+def test_crc32c_matches_tensorboards_reader() -> None:
+    from epochal_tensorboard import _masked_crc
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = bytes(range(256)) * 2
+    for n in [*range(40), 63, 64, 65, 255, 512]:
+        assert _masked_crc(data[:n]) == masked_crc32c(data[:n]).to_bytes(4, "little"), n
+
+
+def test_reader_checks_the_crcs_it_reads(tmp_path: Path) -> None:
+    """A flipped byte is caught by TensorBoard's reader: the round trips in this file verify every CRC."""
+    from tensorboard.compat.tensorflow_stub.errors import DataLossError
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    writer = EventFileWriter(tmp_path)
+    writer.write_scalars({"a": 1.0, "b": 2.5}, global_step=7, walltime=123.0)
+    writer.close()
+    assert read_scalars(tmp_path) == {"a": [(7, 1.0)], "b": [(7, 2.5)]}
+    raw = bytearray(Path(writer.path).read_bytes())
+    raw[-6] ^= 0x01  # inside the last event's data
+    Path(writer.path).write_bytes(bytes(raw))
+    # The loader stops at the bad record (it may be a half-written one); the record reader says why.
+    assert len(list(EventFileLoader(writer.path).Load())) == 1  # only the file-version event is left
+    reader = PyRecordReader_New(writer.path)
+    reader.GetNext()
+    with pytest.raises(DataLossError, match="failed event crc32 check"):
+        reader.GetNext()
+
+
+def test_writer_api_matches_summary_writer_for_scalars_and_text(tmp_path: Path) -> None:
+    writer = EventFileWriter(tmp_path, filename_suffix=".x")
+    writer.add_scalar("loss", 0.5, 3)
+    writer.add_scalar("bad tag!", 1, global_step=4)
+    writer.add_text("note", "héllo", 5)
+    writer.write_scalars({"big_step": 2.0}, global_step=2**40)
+    writer.flush()
+    assert read_scalars(tmp_path) == {"loss": [(3, 0.5)], "bad_tag_": [(4, 1.0)], "big_step": [(2**40, 2.0)]}
+    assert read_texts(tmp_path) == {"note": [(5, "héllo")]}
+    writer.close()
+    writer.close()  # twice is fine
+    assert writer.closed and writer.path.endswith(".x")
+    with pytest.raises(ValueError, match="is closed"):
+        writer.add_scalar("loss", 1.0, 6)
+
+
+def test_a_writer_never_truncates_another_ones_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import epochal_tensorboard
+
+    monkeypatch.setattr(epochal_tensorboard.time, "time", lambda: 1_700_000_000.0)  # the same second
+    first = EventFileWriter(tmp_path, filename_suffix=".1")
+    first.add_scalar("a", 1.0, 1)
+    first.close()
+    with pytest.raises(FileExistsError):
+        EventFileWriter(tmp_path, filename_suffix=".1")
+    second = EventFileWriter(tmp_path, filename_suffix=".2")
+    second.add_scalar("a", 2.0, 2)
+    second.close()
+    assert read_scalars(tmp_path) == {"a": [(1, 1.0), (2, 2.0)]}
 
 
 def test_construction_has_no_side_effects(tmp_path: Path) -> None:
@@ -308,44 +373,65 @@ def test_disk_full_mid_run_disables_the_integration(
     assert disk_full.filled is not None
     assert len(run.failures) == 1
     failure = run.failures[0]
-    # ENOSPC from writing, or EINVAL from the fsync tensorboardX does at a flush.
-    assert isinstance(failure.error, OSError) and failure.error.errno in {errno.ENOSPC, errno.EINVAL}
-    # The error shows at the first flush that has data: the checkpoint at step 5, or the final close.
-    assert failure.event in {"on_save", "on_train_end"}
+    # The first write-out after the disk filled up fails with ENOSPC: the end of the reporter's
+    # batch, or the checkpoint's flush when the step-5 save drained that batch first.
+    assert isinstance(failure.error, OSError) and failure.error.errno == errno.ENOSPC
+    assert failure.event in {"end_batch", "on_save"}
     assert any("was disabled; training continues" in r.getMessage() for r in caplog.records)
-    # What was written before the disk filled up is intact.
+    # What reached the file before the disk filled up is intact and readable.
     disk_full.free_disk()
     disk_full.filled = None
-    assert [s for s, _ in read_scalars(tmp_path / "tb")["train/loss"]][:1] == [2]
+    assert json.loads(read_texts(tmp_path / "tb")["args"][0][1])["run_name"] == "scripted-run"
+    steps = [s for s, _ in read_scalars(tmp_path / "tb").get("train/loss", [])]
+    assert steps == [2, 4][: len(steps)]
 
 
 def test_disk_full_mid_run_raises_when_strict(disk_full: DiskFullAt, tmp_path: Path) -> None:
     with pytest.raises(OSError) as raised:
         scripted_run(disk_full, output_dir=tmp_path / "out", strict=True)
-    assert raised.value.errno in {errno.ENOSPC, errno.EINVAL}
+    assert raised.value.errno == errno.ENOSPC
 
 
-class WriterThreadDiesAt(TensorBoardCallback):
-    """The callback under test; tensorboardX's writer thread ends just before the log of ``step``.
+def test_a_user_writer_is_closed_at_train_end_and_failures_in_it_are_isolated(tmp_path: Path) -> None:
+    class BrokenWriter:
+        def __init__(self) -> None:
+            self.closed = False
 
-    A thread that died of an I/O error looks the same; stopping it through its own ``stop()``
-    produces that state without patching anything.
-    """
+        def add_text(self, tag: str, text: str, step: int) -> None:
+            pass
 
-    def __init__(self, step: int, log_dir: Path) -> None:
-        super().__init__(log_dir=log_dir)
-        self.step = step
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            raise ConnectionResetError("remote filesystem went away")
 
-    def on_log(self, args: Any, state: TrainerState, control: Any, logs: Any = None, **kwargs: Any) -> Any:
-        if state.global_step == self.step and self.tb_writer is not None:
-            self.tb_writer.file_writer.event_writer._worker.stop()
-        return super().on_log(args, state, control, logs, **kwargs)
+        def flush(self) -> None:
+            pass
 
+        def close(self) -> None:
+            self.closed = True
 
-def test_dead_writer_thread_fails_fast_instead_of_blocking(tmp_path: Path) -> None:
-    # Without the check, the writer's 10-event queue fills up and add_scalar blocks forever.
-    run = scripted_run(WriterThreadDiesAt(4, tmp_path / "tb"), output_dir=tmp_path / "out", strict=False)
+    writer = BrokenWriter()
+    run = scripted_run(TensorBoardCallback(writer), output_dir=tmp_path / "out", strict=False)
 
     assert run.state.global_step == 10
-    assert [(f.event, type(f.error)) for f in run.failures] == [("on_log", RuntimeError)]
-    assert "writer thread has died" in str(run.failures[0].error)
+    assert [(f.event, type(f.error)) for f in run.failures] == [("on_log", ConnectionResetError)]
+    assert writer.closed  # the failure closed the run
+
+
+def test_a_run_imports_no_tensorboard_package(tmp_path: Path) -> None:
+    """No tensorboardX (which imports comet_ml when installed), no tensorboard: only the format is written."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from epochal_core import Trainer, TrainingArguments\n"
+        "from epochal_core.testing import TinyRegressor, tiny_dataset\n"
+        f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to=['tensorboard'], max_steps=3,\n"
+        "                          logging_steps=1, disable_tqdm=True, use_cpu=True, save_strategy='no')\n"
+        "Trainer(model=TinyRegressor(), args=args, train_dataset=tiny_dataset()).train()\n"
+        "print(sorted(m for m in ('tensorboardX', 'tensorboard', 'comet_ml') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert [s for s, _ in read_scalars(tmp_path / "out" / "runs")["train/loss"]] == [1, 2, 3]

@@ -8,8 +8,8 @@ checkpoint so a resumed training continues the same run, and finishing the run
 on train end (``"finished"``) or on a crash (``"failed"``).
 
 A subclass sets :attr:`~IntegrationCallback.sdk` and implements :meth:`setup`,
-:meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_texts` and
-:meth:`log_checkpoint`.
+:meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_texts`,
+:meth:`log_checkpoint` and :meth:`end_batch`.
 """
 
 from __future__ import annotations
@@ -28,22 +28,23 @@ if TYPE_CHECKING:
     from .state import TrainerState
     from .training_args import TrainingArguments
 
-__all__ = ["IntegrationCallback", "flatten_params", "model_config", "rewrite_logs", "split_scalars"]
+__all__ = ["IntegrationCallback", "flatten_params", "model_config", "rewrite_key", "rewrite_logs", "split_scalars"]
 
 logger = logging.getLogger(__name__)
 
 
-def rewrite_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
+def rewrite_key(key: str) -> str:
     """``eval_x`` → ``eval/x``, ``test_x`` → ``test/x``, anything else → ``train/x`` (transformers' scheme)."""
-    out: dict[str, Any] = {}
-    for key, value in logs.items():
-        if key.startswith("eval_"):
-            out["eval/" + key[5:]] = value
-        elif key.startswith("test_"):
-            out["test/" + key[5:]] = value
-        else:
-            out["train/" + key] = value
-    return out
+    if key.startswith("eval_"):
+        return "eval/" + key[5:]
+    if key.startswith("test_"):
+        return "test/" + key[5:]
+    return "train/" + key
+
+
+def rewrite_logs(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply :func:`rewrite_key` to every key of ``logs``."""
+    return {rewrite_key(key): value for key, value in logs.items()}
 
 
 def flatten_params(params: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
@@ -110,6 +111,7 @@ class IntegrationCallback(TrainerCallback):
     def __init__(self) -> None:
         self._initialized = False
         self._warned_keys: set[str] = set()
+        self._names: dict[str, str] = {}  # log key -> key sent to the tracker
         #: Tracker run id, saved in checkpoints and restored on resume.
         self.run_id: str | None = None
         #: Highest ``global_step`` already sent to the tracker (restored on resume).
@@ -152,6 +154,16 @@ class IntegrationCallback(TrainerCallback):
     def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
         """Called after checkpoint ``path`` was committed; upload it if configured. Default: nothing."""
 
+    def end_batch(self) -> None:
+        """Write out what the integration buffered; epochal's reporter calls it after each batch of events.
+
+        The reporter runs queued events in batches (at most
+        :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds apart while events
+        arrive) and calls this after each batch, on its thread, and after each
+        event it runs on the training thread. Buffering writes until then costs one
+        system call per batch instead of one per log. Default: nothing.
+        """
+
     def finish(self, status: str) -> None:
         """Flush and close the run; ``status`` is ``"finished"`` or ``"failed"``.
 
@@ -173,12 +185,7 @@ class IntegrationCallback(TrainerCallback):
         values = rewrite_logs(logs) if self.rewrite_keys else dict(logs)
         kept, dropped = split_scalars(values)
         for key in dropped:
-            if key not in self._warned_keys:
-                self._warned_keys.add(key)
-                logger.warning(
-                    "%s: dropped %r, a %s is not a scalar this tracker can log.",
-                    type(self).__name__, key, type(values[key]).__name__,
-                )
+            self._warn_dropped(key, values[key])
         return kept
 
     def _ensure_setup(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
@@ -202,17 +209,47 @@ class IntegrationCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         self._ensure_setup(args, state, kwargs)
-        texts: dict[str, str] = {}
-        if type(self).log_texts is not IntegrationCallback.log_texts:
-            texts = {k: v for k, v in logs.items() if isinstance(v, str)}
-            logs = {k: v for k, v in logs.items() if not isinstance(v, str)}
-        metrics = self.scalars(logs)
+        metrics, texts = self._split_logs(logs)
         if metrics:
             self.log_metrics(metrics, state.global_step, state)
         if texts:
-            self.log_texts(rewrite_logs(texts) if self.rewrite_keys else texts, state.global_step, state)
-        if metrics or texts:
-            self.last_logged_step = max(self.last_logged_step, state.global_step)
+            self.log_texts(texts, state.global_step, state)
+        if (metrics or texts) and state.global_step > self.last_logged_step:
+            self.last_logged_step = state.global_step
+
+    def _split_logs(self, logs: Mapping[str, Any]) -> tuple[dict[str, float | int], dict[str, str]]:
+        # One pass per log, with each key's rewritten name computed once per run: this runs
+        # for every log of every integration.
+        names = self.__dict__.get("_names")
+        if names is None:  # a subclass that skipped IntegrationCallback.__init__
+            names = self._names = {}
+        # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.
+        takes_text = type(self).log_texts is not IntegrationCallback.log_texts
+        metrics: dict[str, float | int] = {}
+        texts: dict[str, str] = {}
+        for key, value in logs.items():
+            name = names.get(key)
+            if name is None:
+                name = names[key] = rewrite_key(key) if self.rewrite_keys else key
+            kind = type(value)
+            if kind is float or kind is int or kind is bool:
+                metrics[name] = value
+            elif kind is str and takes_text:
+                texts[name] = value
+            else:
+                kept, dropped = split_scalars({name: value})
+                metrics.update(kept)
+                if dropped:
+                    self._warn_dropped(name, value)
+        return metrics, texts
+
+    def _warn_dropped(self, key: str, value: Any) -> None:
+        if key not in self._warned_keys:
+            self._warned_keys.add(key)
+            logger.warning(
+                "%s: dropped %r, a %s is not a scalar this tracker can log.", type(self).__name__, key,
+                type(value).__name__,
+            )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         """Pass the committed checkpoint to :meth:`log_checkpoint`."""

@@ -101,7 +101,7 @@ class IntegrationInfo:
                 parts.append(f"{name} {version(name)}")
             except PackageNotFoundError:
                 parts.append(f"{name} MISSING")
-        return ", ".join(parts) or "-"
+        return ", ".join(parts) or "none needed"
 
     def importable(self) -> bool:
         """Whether the integration module can be found, without importing it."""

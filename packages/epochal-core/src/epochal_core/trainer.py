@@ -469,6 +469,14 @@ class Trainer:
         self._to_host_calls += 1
         return tensor.detach().float().reshape(-1).tolist()
 
+    def _scalars_to_host(self, scalars: list[torch.Tensor]) -> list[float]:
+        """Read 0-d tensors in one transfer (one read: stacked on an accelerator, ``item()`` on the CPU)."""
+        if self.device.type == "cpu":
+            # Reading a CPU scalar is a memory load; stacking would cost more than it saves.
+            self._to_host_calls += 1
+            return [t.item() for t in scalars]
+        return self._to_host(torch.stack([t.detach().float().reshape(()) for t in scalars]))
+
     # -- training ------------------------------------------------------------------------------
     def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None) -> Path | None:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -799,12 +807,14 @@ class Trainer:
         control = self.control
         if control.should_log and self.state.global_step > self._globalstep_last_logged:
             parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
-            stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
             if self.is_distributed:
                 # The mean loss over ranks; the skip count and the gradient norm are the same on every rank.
+                stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
                 all_reduce_(stacked)
                 stacked /= self.dist.world_size
-            values = self._to_host(stacked)
+                values = self._to_host(stacked)
+            else:
+                values = self._scalars_to_host(parts)
             self._tr_loss.zero_()
             skipped = int(values[1])
             self._skipped.zero_()

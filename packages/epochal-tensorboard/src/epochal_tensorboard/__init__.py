@@ -1,8 +1,8 @@
-"""TensorBoard integration for epochal (``report_to="tensorboard"``), written with tensorboardX.
+"""TensorBoard integration for epochal (``report_to="tensorboard"``), with a built-in event-file writer.
 
 Install::
 
-    pip install epochal-tensorboard
+    pip install epochal-tensorboard      # and, to look at the logs: pip install tensorboard
 
 Usage::
 
@@ -18,14 +18,30 @@ Or configured (with ``report_to="none"``, so it is not added twice)::
 
     args = TrainingArguments(output_dir="out", report_to="none")
     Trainer(model=model, args=args, train_dataset=data, callbacks=[TensorBoardCallback(log_dir="tb/exp1")])
+
+The event-file format (TFRecord framing of ``tensorflow.Event`` protocol buffers)
+is small and stable, so this module writes it itself: scalars, text, the HParams
+records and the purge marker that hides a crashed run's steps on resume. Going
+through tensorboardX instead cost an import of several seconds (it also imports
+comet_ml when that is installed, with comet's global hooks) and, per log, a
+pickled multiprocessing queue, two more threads and a slower checksum. Any
+``SummaryWriter`` (tensorboardX or ``torch.utils.tensorboard``) can still be
+passed as ``tb_writer`` for histograms, images and the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import logging
 import os
+import re
+import socket
+import struct
 import threading
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from epochal_core.integrations import IntegrationCallback, flatten_params, model_config
@@ -34,86 +50,329 @@ if TYPE_CHECKING:
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
-__all__ = ["LOGGING_DIR_ENV", "TensorBoardCallback"]
+__all__ = ["LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "crc32c"]
+
+logger = logging.getLogger(__name__)
 
 #: Environment variable naming the log directory (transformers v5).
 LOGGING_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
 
-# tensorboardX names event files by the second and host only, so two writers opened in one
-# directory within the same second would truncate each other's file; a per-process serial
-# (zero-padded so files sort in creation order) keeps every file.
+# Two writers opened in one directory within the same second must not share a file name:
+# a per-process serial (zero-padded so files sort in creation order) keeps them apart.
 _writer_serial = itertools.count()
 
 
-def _hparam_value(value: Any) -> str | bool | int | float | None:
-    # The hparams plugin accepts strings, bools and numbers only; None means "unset".
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    return str(value)
+# -- CRC32C (Castagnoli), as TFRecord framing needs ------------------------------------------------
+
+@functools.cache
+def _crc_tables() -> tuple[list[int], ...]:
+    # Slicing-by-8 tables, built on first use (a few ms) so importing the module stays free.
+    base = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        base.append(crc)
+    tables = [base]
+    for _ in range(7):
+        prev = tables[-1]
+        tables.append([(prev[i] >> 8) ^ base[prev[i] & 0xFF] for i in range(256)])
+    return tuple(tables)
 
 
-def _session_end(failed: bool) -> Any:
-    # tensorboardX's hparams() always reports success; build the record to say how the run ended.
-    from tensorboardX.proto.api_pb2 import Status  # type: ignore[import-untyped]
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo  # type: ignore[import-untyped]
-    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata  # type: ignore[import-untyped]
+def crc32c(data: bytes) -> int:
+    """CRC-32C of ``data`` (pure Python, 8 bytes per step; ``crc32c(b"123456789") == 0xE3069283``)."""
+    t0, t1, t2, t3, t4, t5, t6, t7 = _crc_tables()
+    crc = 0xFFFFFFFF
+    words = len(data) // 8
+    it = iter(struct.unpack_from(f"<{2 * words}I", data))
+    for lo, hi in zip(it, it):
+        lo ^= crc
+        crc = (t7[lo & 0xFF] ^ t6[(lo >> 8) & 0xFF] ^ t5[(lo >> 16) & 0xFF] ^ t4[lo >> 24]
+               ^ t3[hi & 0xFF] ^ t2[(hi >> 8) & 0xFF] ^ t1[(hi >> 16) & 0xFF] ^ t0[hi >> 24])
+    for byte in data[8 * words:]:
+        crc = t0[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
 
-    info = SessionEndInfo(status=Status.Value("STATUS_FAILURE" if failed else "STATUS_SUCCESS"))
-    content = HParamsPluginData(session_end_info=info, version=0).SerializeToString()
-    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams", content=content))
-    return Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=metadata)])
 
+def _mask(crc: int) -> bytes:
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def _masked_crc(data: bytes) -> bytes:
+    return _mask(crc32c(data))
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_header(length: int) -> bytes:
+    # Lengths repeat from log to log: their framing is computed once.
+    header = struct.pack("<Q", length)
+    return header + _masked_crc(header)
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
+    return _record_header(len(data)) + data + _masked_crc(data)
+
+
+# -- protocol-buffer encoding of the few messages written (field numbers from TensorFlow's protos) ---
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # negative int64 as protobuf does: ten bytes of two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(key: int, payload: bytes) -> bytes:
+    return bytes((key,)) + _varint(len(payload)) + payload
+
+
+#: Buffered bytes that trigger a write on their own (a writer used outside a training run).
+_BUFFER_LIMIT = 1 << 20
+_DOUBLE = struct.Struct("<d").pack
+_FLOAT = struct.Struct("<f").pack
+_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+
+# Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5, session_log=7.
+# Summary: value=1. Value: tag=1, simple_value=2 (float), tensor=8, metadata=9.
+# SummaryMetadata: plugin_data=1 {plugin_name=1, content=2}.
+_SESSION_LOG_START = b"\x08\x01"  # SessionLog{status: START}
+_STATUS_SUCCESS, _STATUS_FAILURE = 1, 2  # tensorboard.hparams.Status
+
+
+def clean_tag(tag: str) -> str:
+    """The tag as TensorBoard accepts it: characters other than ``-/_.`` and word characters become ``_``."""
+    return _INVALID_TAG_CHARACTERS.sub("_", tag).lstrip("/")
+
+
+def _event(step: int, wall_time: float, body: bytes) -> bytes:
+    return b"\x09" + _DOUBLE(wall_time) + (b"\x10" + _varint(step) if step else b"") + body
+
+
+def _plugin_metadata(plugin: str, content: bytes = b"") -> bytes:
+    data = _delimited(0x0A, plugin.encode()) + (_delimited(0x12, content) if content else b"")
+    return _delimited(0x4A, _delimited(0x0A, data))
+
+
+def _text_value(tag: str, text: str) -> bytes:
+    # TensorProto{dtype: DT_STRING (7), tensor_shape: {dim: [{size: 1}]}, string_val: [text]}
+    tensor = b"\x08\x07" + _delimited(0x12, _delimited(0x12, b"\x08\x01")) + _delimited(0x42, text.encode())
+    body = _delimited(0x0A, f"{clean_tag(tag)}/text_summary".encode()) + _plugin_metadata("text") \
+        + _delimited(0x42, tensor)
+    return _delimited(0x0A, body)
+
+
+def _hparam(value: Any) -> bytes | None:
+    # google.protobuf.Value: number_value=2 (double), string_value=3, bool_value=4.
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"\x20" + (b"\x01" if value else b"\x00")
+    if isinstance(value, (int, float)):
+        return b"\x11" + _DOUBLE(float(value))
+    return _delimited(0x1A, str(value).encode())
+
+
+def _hparams_value(tag: str, plugin_data: bytes) -> bytes:
+    body = _delimited(0x0A, tag.encode()) + _plugin_metadata("hparams", plugin_data)
+    return _delimited(0x0A, body)
+
+
+def _session_start(hparams: Mapping[str, Any], start_time: float) -> bytes:
+    entries = b""
+    for key, value in hparams.items():
+        encoded = _hparam(value)
+        if encoded is not None:
+            entries += _delimited(0x0A, _delimited(0x0A, key.encode()) + _delimited(0x12, encoded))
+    info = entries + b"\x29" + _DOUBLE(start_time)  # SessionStartInfo{hparams=1, start_time_secs=5}
+    return _hparams_value("_hparams_/session_start_info", _delimited(0x1A, info))  # HParamsPluginData=3
+
+
+def _session_end(status: int, end_time: float) -> bytes:
+    info = b"\x08" + _varint(status) + b"\x11" + _DOUBLE(end_time)  # SessionEndInfo{status=1, end_time_secs=2}
+    return _hparams_value("_hparams_/session_end_info", _delimited(0x22, info))  # HParamsPluginData=4
+
+
+# -- the writer --------------------------------------------------------------------------------------
+
+class EventFileWriter:
+    """Writes one TensorBoard event file: scalars, text and HParams records.
+
+    Its ``add_scalar``/``add_text``/``flush``/``close`` take the arguments of
+    ``SummaryWriter``'s methods of the same names, so code written against
+    ``callback.tb_writer`` keeps working for those. Events are buffered in the
+    process until :meth:`write_out` (which the callback calls after each batch of
+    logs epochal's reporter runs, at most 0.2 s apart while logs arrive), until
+    :meth:`flush` (which also ``fsync``-s: at checkpoints) or :meth:`close`, or
+    until 1 MiB is pending. Safe to use from several threads.
+
+    Args:
+        logdir: Directory of the event file (created if missing).
+        purge_step: When given, TensorBoard discards events of this run with a
+            step at or above it that were written before this file (what a
+            crashed run wrote after the checkpoint now resumed).
+        filename_suffix: Appended to the file name.
+
+    Raises:
+        OSError: When the directory or the file cannot be created.
+    """
+
+    def __init__(self, logdir: str | os.PathLike[str], *, purge_step: int | None = None,
+                 filename_suffix: str = "") -> None:
+        self.logdir = os.fspath(logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}{filename_suffix}"
+        #: Path of the event file.
+        self.path = os.path.join(self.logdir, name)
+        # O_EXCL: never truncate another writer's file.
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._lock = threading.Lock()
+        self._buffer = bytearray()
+        self._scalar_heads: dict[str, bytes] = {}
+        now = time.time()
+        self._write(_event(0, now, _delimited(0x1A, b"brain.Event:2")))
+        if purge_step is not None:
+            self._write(_event(purge_step, now, _delimited(0x3A, _SESSION_LOG_START)))
+        self.write_out()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._fd is None
+
+    def _write(self, event: bytes) -> None:
+        record = _record(event)
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"EventFileWriter: {self.path} is closed; nothing more can be written to it.")
+            self._buffer += record
+            if len(self._buffer) < _BUFFER_LIMIT:
+                return
+            self._write_out()
+
+    def _write_out(self) -> None:
+        # Caller holds the lock. A failed write keeps what was not written, to retry later.
+        assert self._fd is not None
+        while self._buffer:
+            written = os.write(self._fd, self._buffer)
+            del self._buffer[:written]
+
+    def write_out(self) -> None:
+        """Hand the buffered events to the operating system (one ``write``; readers see them at once)."""
+        with self._lock:
+            if self._fd is not None:
+                self._write_out()
+
+    def _scalar_head(self, tag: str) -> bytes:
+        # Summary.Value{tag, simple_value}: everything but the 4 value bytes, once per tag.
+        head = self._scalar_heads.get(tag)
+        if head is None:
+            inner = _delimited(0x0A, clean_tag(tag).encode()) + b"\x15"
+            head = self._scalar_heads[tag] = b"\x0a" + _varint(len(inner) + 4) + inner
+        return head
+
+    def write_scalars(self, values: Mapping[str, float], global_step: int | None = None,
+                      walltime: float | None = None) -> None:
+        """Write every ``tag: value`` as one event at ``global_step`` (what one log becomes)."""
+        summary = b"".join([self._scalar_head(tag) + _FLOAT(float(value)) for tag, value in values.items()])
+        self._write(_event(global_step or 0, walltime or time.time(), _delimited(0x2A, summary)))
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None,
+                   walltime: float | None = None) -> None:
+        """Write one scalar (``SummaryWriter.add_scalar``)."""
+        self.write_scalars({tag: scalar_value}, global_step, walltime)
+
+    def add_text(self, tag: str, text_string: str, global_step: int | None = None,
+                 walltime: float | None = None) -> None:
+        """Write ``text_string`` for TensorBoard's Text tab, under ``<tag>/text_summary`` (as SummaryWriter does)."""
+        self._write(_event(global_step or 0, walltime or time.time(), _delimited(0x2A, _text_value(tag, text_string))))
+
+    def add_hparams_start(self, hparams: Mapping[str, Any], global_step: int | None = None) -> None:
+        """Write the HParams session start with these flat hyperparameters (``None`` values are left out)."""
+        now = time.time()
+        self._write(_event(global_step or 0, now, _delimited(0x2A, _session_start(hparams, now))))
+
+    def add_hparams_end(self, failed: bool, global_step: int | None = None) -> None:
+        """Write the HParams session end: success, or failure when ``failed``."""
+        now = time.time()
+        status = _STATUS_FAILURE if failed else _STATUS_SUCCESS
+        self._write(_event(global_step or 0, now, _delimited(0x2A, _session_end(status, now))))
+
+    def flush(self) -> None:
+        """Write out the buffered events and make everything written so far durable (``fsync``)."""
+        with self._lock:
+            if self._fd is not None:
+                self._write_out()
+                os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Write out, ``fsync`` and close the file; later writes raise ``ValueError``. Closing twice does nothing."""
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                return
+            try:
+                self._write_out()
+                os.fsync(fd)
+            finally:
+                self._fd = None
+                self._buffer.clear()
+                os.close(fd)
+
+
+# -- the callback --------------------------------------------------------------------------------------
 
 class TensorBoardCallback(IntegrationCallback):
-    """Writes training logs to TensorBoard event files with a tensorboardX ``SummaryWriter``.
+    """Writes training logs to TensorBoard event files.
 
     On train begin (world rank zero) it logs the training arguments as the text
     ``args``, the model config (if the model has one) as the text
     ``model_config``, and the flattened hyperparameters for TensorBoard's HParams
-    view. Every log becomes ``add_scalar(tag, value, global_step)`` after the
-    ``train/``/``eval/``/``test/`` rewriting; strings become ``add_text``; other
-    values are dropped with one warning per key. Events reach the disk every
-    ``flush_secs``, at every checkpoint, and when training ends or fails (then the
-    writer is closed). transformers flushes after every log; an fsync per log
-    halved training speed on a small model, so epochal does not.
+    view. Every log becomes one event holding its scalars at ``global_step``,
+    after the ``train/``/``eval/``/``test/`` rewriting; strings become text;
+    other values are dropped with one warning per key. Events reach the file
+    after each batch of logs epochal's reporter runs (at most 0.2 s after they
+    were logged) and are ``fsync``-ed at every checkpoint and at the end; the
+    run's end status (success or failure) goes to the HParams view.
 
     The log directory is ``log_dir``, else ``$TENSORBOARD_LOGGING_DIR``, else
     ``args.logging_dir`` (``<output_dir>/runs``), with ``state.trial_name``
     appended during a hyperparameter search. When a run resumes from a
-    checkpoint at step ``N``, the writer starts with ``purge_step=N + 1``, so
-    TensorBoard discards what a crashed run wrote after that checkpoint and
-    every step appears once.
+    checkpoint at step ``N``, the new file starts with a purge marker at
+    ``N + 1``, so TensorBoard discards what a crashed run wrote after that
+    checkpoint and every step appears once.
 
     Args:
-        tb_writer: A ``SummaryWriter`` (tensorboardX, or ``torch.utils.tensorboard``)
-            to use instead of creating one. It is used as given: no purge on resume,
-            and the HParams record is skipped unless it is a tensorboardX writer.
+        tb_writer: A ``SummaryWriter`` (tensorboardX, ``torch.utils.tensorboard``, or
+            anything with their ``add_scalar``/``add_text``/``flush``/``close``) to use
+            instead of the built-in writer. It is used as given: no purge on resume and
+            no HParams records; it is closed at train end.
         log_dir: Directory of the event files; overrides the environment and ``args``.
-        flush_secs: Seconds between the writer thread's own flushes (tensorboardX's option;
-            default 10, so a live TensorBoard stays current).
+
+    Attributes:
+        tb_writer: The writer in use: the one passed in, or, from train begin to
+            train end, the built-in :class:`EventFileWriter`.
 
     Raises:
-        ImportError: At the start of training, when tensorboardX is not installed
-            (the message gives the install command).
         OSError: When the log directory cannot be created or written; epochal's
             reporter then disables the integration (or re-raises in strict mode).
-        RuntimeError: On a log after tensorboardX's writer thread has died.
-
     """
 
     name = "tensorboard"
     package = "epochal-tensorboard"
-    sdk = "tensorboardX"
-    sdk_package = "tensorboardX"
+    # No SDK: the event-file format is written by this module (see the module docstring).
+    sdk = ""
+    sdk_package = ""
 
-    def __init__(self, tb_writer: Any = None, *, log_dir: str | os.PathLike[str] | None = None,
-                 flush_secs: int = 10) -> None:
+    def __init__(self, tb_writer: Any = None, *, log_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         self.tb_writer = tb_writer
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
-        self.flush_secs = flush_secs
         self._own_writer = tb_writer is None
-        self._tbx_writer = False
 
     def resolve_log_dir(self, args: TrainingArguments, state: TrainerState) -> str:
         """Return the event-file directory: ``log_dir``, ``$TENSORBOARD_LOGGING_DIR``, then ``args.logging_dir``."""
@@ -124,15 +383,13 @@ class TensorBoardCallback(IntegrationCallback):
 
     # -- IntegrationCallback hooks ---------------------------------------------------
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any, **kwargs: Any) -> None:
-        """Create the writer (purging steps after the checkpoint on resume) and log the run's configuration."""
-        tbx = self.import_sdk()
+        """Open the event file (with a purge marker on resume) and log the run's configuration."""
         if self._own_writer:
             logdir = self.resolve_log_dir(args, state)
-            self.tb_writer = tbx.SummaryWriter(
-                logdir=logdir,
+            self.tb_writer = EventFileWriter(
+                logdir,
                 # A run starting past step 0 resumes a checkpoint: hide what a crash left after it.
                 purge_step=state.global_step + 1 if state.global_step > 0 else None,
-                flush_secs=self.flush_secs,
                 filename_suffix=f".{os.getpid()}.{next(_writer_serial):06d}",
             )
             self.run_id = logdir
@@ -145,71 +402,50 @@ class TensorBoardCallback(IntegrationCallback):
             writer.add_text("model_config", to_json(), step)
         elif (config_dict := model_config(model)) is not None:
             writer.add_text("model_config", json.dumps(config_dict, indent=2, sort_keys=True, default=str), step)
-        # HParams records are tensorboardX protos: only its own writer can take them.
-        self._tbx_writer = isinstance(writer, tbx.SummaryWriter)
-        if self._tbx_writer:
-            from tensorboardX.summary import hparams  # type: ignore[import-untyped]
-
-            params = {k: _hparam_value(v) for k, v in flatten_params(self.hyperparameters(args, model)).items()}
-            _, session_start, _ = hparams(params, {})
-            writer._get_file_writer().add_summary(session_start, step)
+        if isinstance(writer, EventFileWriter):
+            writer.add_hparams_start(flatten_params(self.hyperparameters(args, model)), step)
         writer.flush()
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
-        """Write every metric at ``step`` as one event (flushed by the writer's timer, checkpoints and the end)."""
-        self._write(metrics, {}, step)
+        """Write every metric at ``step`` (one event with the built-in writer)."""
+        writer = self._writer()
+        if isinstance(writer, EventFileWriter):
+            writer.write_scalars(metrics, step)
+        else:
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, float(value), step)
+
+    def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
+        """``add_text`` each string at ``step`` (as transformers does)."""
+        writer = self._writer()
+        for tag, text in texts.items():
+            writer.add_text(tag, text, step)
+
+    def end_batch(self) -> None:
+        """Write out the events of the batch of logs the reporter just ran (one ``write`` per batch)."""
+        if isinstance(self.tb_writer, EventFileWriter):
+            self.tb_writer.write_out()
+
+    def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
+        """``fsync`` at each checkpoint, so the events it covers are on disk (a resume purges what follows)."""
+        if self.tb_writer is not None:
+            self.tb_writer.flush()
 
     def finish(self, status: str) -> None:
-        """Record the end status for the HParams view (``"failed"`` → failure), flush and close the writer."""
+        """Record the end status for the HParams view (``"failed"`` → failure), then flush and close."""
         writer = self.tb_writer
         if writer is None:
             return
         try:
-            if self._tbx_writer and self._writer_alive():
-                writer._get_file_writer().add_summary(_session_end(failed=status != "finished"))
+            if isinstance(writer, EventFileWriter) and not writer.closed:
+                writer.add_hparams_end(failed=status != "finished")
         finally:
-            if self._writer_alive():
-                writer.close()
             if self._own_writer:
                 self.tb_writer = None
+            writer.close()
 
-    def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
-        """Flush at each checkpoint, so the events it covers are on disk (a resume purges what follows)."""
-        if self.tb_writer is not None and self._writer_alive():
-            self.tb_writer.flush()
-
-    def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
-        """``add_text`` each string at ``step`` (as transformers does)."""
-        self._write({}, texts, step)
-
-    # -- internals --------------------------------------------------------------------
-    def _write(self, metrics: dict[str, float | int], texts: dict[str, str], step: int) -> None:
+    def _writer(self) -> Any:
         writer = self.tb_writer
         if writer is None:
             raise RuntimeError("TensorBoardCallback: the writer is closed; training has already ended.")
-        if not self._writer_alive():
-            # Adding events now would fill its queue and then block this thread (and so training) for good.
-            raise RuntimeError(
-                "TensorBoardCallback: tensorboardX's event writer thread has died (its traceback was printed), "
-                "so nothing more can be written."
-            )
-        if metrics and self._tbx_writer:
-            # One event holding every scalar of the log, instead of one event (and one
-            # queue hand-off to the writer thread) per scalar: the same records for readers.
-            from tensorboardX.proto.summary_pb2 import Summary
-            from tensorboardX.summary import _clean_tag  # type: ignore[import-untyped]
-
-            values = [Summary.Value(tag=_clean_tag(tag), simple_value=float(v)) for tag, v in metrics.items()]
-            writer._get_file_writer().add_summary(Summary(value=values), step)
-        else:
-            for tag, value in metrics.items():
-                writer.add_scalar(tag, float(value), step)
-        for tag, text in texts.items():
-            writer.add_text(tag, text, step)
-
-    def _writer_alive(self) -> bool:
-        # tensorboardX writes from a thread of its own; when that thread dies (disk full, I/O error),
-        # add_* calls block once its small queue is full, and close() blocks too.
-        file_writer = getattr(self.tb_writer, "file_writer", None)
-        worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
-        return not isinstance(worker, threading.Thread) or worker.is_alive()
+        return writer
