@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -212,11 +213,11 @@ import epochal_core.checkpoint as ck
 kill_kind, kill_at = {kill!r}
 if kill_kind == "save":
     real, calls = ck.save_file, [0]
-    def save_file(obj, path):
+    def save_file(obj, path, **kwargs):
         calls[0] += 1
         if calls[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        real(obj, path)
+        real(obj, path, **kwargs)
     ck.save_file = save_file
 class Hook(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
@@ -321,3 +322,26 @@ def test_first_sigint_stops_gracefully_and_second_aborts(tmp_path):
     assert aborted.returncode != 0
     assert "KeyboardInterrupt" in aborted.stderr and "done" not in aborted.stdout
     assert latest_checkpoint(tmp_path / "twice").name == "checkpoint-3"  # no save after the abort
+
+
+def test_background_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
+    """fsync on a pipe fails for real (EINVAL): the failure reaches the saver, so nothing is committed."""
+    from epochal_core.checkpoint import background_fsync, save_file
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "wb")
+    with pytest.raises(OSError) as raised, background_fsync() as fsync:
+        save_file({"w": torch.ones(3)}, tmp_path / "ok.pt", fsync=fsync)
+        fsync.submit(pipe)
+    assert raised.value.errno == errno.EINVAL
+    assert pipe.closed
+    assert torch.load(tmp_path / "ok.pt", weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "wb")
+    with pytest.raises(KeyError), background_fsync() as fsync:  # the block's own error wins
+        fsync.submit(pipe)
+        raise KeyError("boom")
+    assert pipe.closed
