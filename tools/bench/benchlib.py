@@ -177,6 +177,9 @@ class LockstepClock(Clock):
         self.n = 0
         self.wait_total = 0.0
         self.intervals: list[float] = []
+        #: Called inside the last counted step of each turn: work a variant left to its own
+        #: background threads (a reporter's queue) is done, and charged, within its turn.
+        self.before_handover: Callable[[], None] | None = None
 
     def tick(self) -> None:
         now = time.perf_counter()
@@ -188,6 +191,8 @@ class LockstepClock(Clock):
             self.n += 1
             self.intervals.append(now - self.last)
         self.t_last = now
+        if self.before_handover is not None and self.calls % self.baton.chunk == self.baton.chunk - 1:
+            self.before_handover()
         if self.calls % self.baton.chunk == 0:
             w0 = time.perf_counter()
             self.baton.yield_turn(self.name)

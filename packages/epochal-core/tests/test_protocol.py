@@ -226,3 +226,19 @@ def test_printer_does_not_mutate_logs(capsys):
     PrinterCallback().on_log(None, TrainerState(), TrainerControl(), logs=logs)
     assert logs == {"loss": 0.123456789, "total_flos": 5.0}
     assert "0.1235" in capsys.readouterr().out
+
+
+def test_printed_log_line_is_the_formatted_dict():
+    """The printer's fast path prints exactly ``str(format_logs(logs))``: .4g floats, cut strings, no total_flos."""
+    import random
+
+    from epochal_core.progress import format_logs, format_logs_line
+
+    rng = random.Random(0)
+    values = [0.0, -0.0, 1.0, 2.0, 100.0, 12345.6, 1e-5, 1.5e-7, 1e20, 0.6931, -3.25, float("nan"), float("inf"),
+              123456789.0, 1 / 3, 9999.5, 99999.0]
+    values += [rng.uniform(-1, 1) * 10 ** rng.randint(-12, 12) for _ in range(2000)]
+    for value in values:
+        logs = {"loss": value, "epoch": 1, "note": "x" * 150, "ok": True, "total_flos": 5.0, "tag": "hi"}
+        assert format_logs_line(logs) == str(format_logs(logs)), value
+    assert format_logs_line({"loss": 0.123456, "total_flos": 1e12}) == "{'loss': 0.1235}"

@@ -19,6 +19,7 @@ from epochal_core.testing import CrashAt, ScriptedFailure, TinyRegressor, script
 from epochal_tensorboard import LOGGING_DIR_ENV, EventFileWriter, TensorBoardCallback, crc32c
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
@@ -168,6 +169,28 @@ def test_reader_checks_the_crcs_it_reads(tmp_path: Path) -> None:
     reader.GetNext()
     with pytest.raises(DataLossError, match="failed event crc32 check"):
         reader.GetNext()
+
+
+def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
+    """Per-log CRCs come from per-shape templates: steps of every varint width, tag sets, a long event."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    writer = EventFileWriter(tmp_path)
+    long_log = {f"eval/metric_number_{i:02d}": float(i) for i in range(20)}  # past the templated size
+    written = []
+    for step in [0, 1, 127, 128, 16383, 16384, 2**21, 2**40]:
+        for values in ({"train/loss": step / 3.0}, {"train/loss": 1.5, "train/lr": -2.0, "train/ok": True}, long_log):
+            writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + step)
+            written.append((step, values))
+    writer.close()
+    reader = PyRecordReader_New(writer.path)
+    reader.GetNext()  # the file version
+    for step, values in written:
+        reader.GetNext()  # raises DataLossError on a bad CRC
+        event = Event.FromString(reader.record())
+        assert event.step == step and event.wall_time == 1_700_000_000.0 + step
+        assert {v.tag: v.simple_value for v in event.summary.value} == pytest.approx(
+            {tag: float(value) for tag, value in values.items()})
 
 
 def test_writer_api_matches_summary_writer_for_scalars_and_text(tmp_path: Path) -> None:

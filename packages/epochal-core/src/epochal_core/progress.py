@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from .state import TrainerState
     from .training_args import TrainingArguments
 
-__all__ = ["PrinterCallback", "ProgressCallback", "format_logs"]
+__all__ = ["PrinterCallback", "ProgressCallback", "format_logs", "format_logs_line"]
 
 
 def format_logs(logs: Mapping[str, Any], max_str_len: int = 100) -> dict[str, Any]:
@@ -24,6 +25,9 @@ def format_logs(logs: Mapping[str, Any], max_str_len: int = 100) -> dict[str, An
     """
     shown: dict[str, Any] = {}
     for key, value in logs.items():
+        if type(value) is float and key != "total_flos":  # the common case first: runs for every log
+            shown[key] = float(f"{value:.4g}")
+            continue
         if key == "total_flos":
             continue
         if isinstance(value, str) and len(value) > max_str_len:
@@ -35,6 +39,21 @@ def format_logs(logs: Mapping[str, Any], max_str_len: int = 100) -> dict[str, An
             value = float(f"{value:.4g}")
         shown[key] = value
     return shown
+
+
+def format_logs_line(logs: Mapping[str, Any], max_str_len: int = 100) -> str:
+    """``str(format_logs(logs, max_str_len))``, built directly (it runs for every printed log)."""
+    items = []
+    for key, value in logs.items():
+        if key == "total_flos":
+            continue
+        if type(value) is float:
+            text = f"{value:.4g}"
+            # What repr(float(text)) prints, without the round trip when that is the text itself.
+            items.append(f"{key!r}: {text if '.' in text and 'e' not in text else repr(float(text))}")
+        else:
+            items.append(f"{key!r}: {format_logs({key: value}, max_str_len)[key]!r}")
+    return "{" + ", ".join(items) + "}"
 
 
 class ProgressCallback(TrainerCallback):
@@ -111,7 +130,7 @@ class ProgressCallback(TrainerCallback):
     ) -> Any:
         """Write the logs above the training bar."""
         if self.training_bar is not None and logs is not None:
-            self.training_bar.write(str(format_logs(logs, self.max_str_len)))
+            self.training_bar.write(format_logs_line(logs, self.max_str_len))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         """Close the training bar."""
@@ -133,4 +152,5 @@ class PrinterCallback(TrainerCallback):
     ) -> Any:
         """Print the logs."""
         if state.is_local_process_zero and logs is not None:
-            print(format_logs(logs))
+            # One write instead of print's two.
+            sys.stdout.write(format_logs_line(logs) + "\n")

@@ -168,11 +168,15 @@ class Reporter:
         if self._failure is not None:
             self._check()
         # Snapshot what the loop mutates, so the worker sees the values of this event.
+        # (kwargs is this call's own dict: replacing its entries touches no caller's.)
         state = _shallow_copy(state)
         control = _shallow_copy(control)
-        for key in ("logs", "metrics"):
-            if kwargs.get(key) is not None:
-                kwargs = {**kwargs, key: dict(kwargs[key])}
+        logs = kwargs.get("logs")
+        if logs is not None:
+            kwargs["logs"] = dict(logs)
+        metrics = kwargs.get("metrics")
+        if metrics is not None:
+            kwargs["metrics"] = dict(metrics)
         if self._thread is None:
             self._start()
         if self._submitted - self._done >= self.capacity:

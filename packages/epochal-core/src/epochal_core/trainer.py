@@ -817,7 +817,8 @@ class Trainer:
                 values = self._scalars_to_host(parts)
             self._tr_loss.zero_()
             skipped = int(values[1])
-            self._skipped.zero_()
+            if skipped:
+                self._skipped.zero_()
             steps = self.state.global_step - self._globalstep_last_logged
             logs: dict[str, float] = {"loss": values[0] / max(steps - skipped, 1)}
             if grad_norm is not None:
