@@ -255,6 +255,27 @@ def test_trainer_run_matches_log_history(tmp_path: Path) -> None:
     assert trainer.integration_failures == []
 
 
+def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
+    """A live TensorBoard sees each log within a fraction of a second, even when no further log follows."""
+    import time
+
+    from epochal_core import TrainerCallback
+
+    seen: list[int] = []
+    out = tmp_path / "out"
+
+    class Peek(TrainerCallback):
+        def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:  # before step 3's log: steps 1 and 2 were logged
+                time.sleep(1.0)  # several batch and write-out intervals
+                seen.extend(s for s, _ in read_scalars(out / "runs").get("train/loss", []))
+
+    trainer = Trainer(model=TinyRegressor(), args=trainer_args(out, max_steps=4, save_strategy="no"),
+                      train_dataset=tiny_dataset(), callbacks=[Peek()])
+    trainer.train()
+    assert seen == [1, 2]
+
+
 def test_trainer_crash_and_resume_writes_each_step_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     crashed = Trainer(

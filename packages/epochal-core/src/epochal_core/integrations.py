@@ -97,8 +97,8 @@ class IntegrationCallback(TrainerCallback):
     Attributes:
         name: The ``report_to`` name (``"tensorboard"``).
         package: The epochal distribution (``"epochal-tensorboard"``).
-        sdk: Import name of the SDK (``"tensorboardX"``).
-        sdk_package: Distribution name of the SDK (``"tensorboardX"``).
+        sdk: Import name of the SDK (``"dvclive"``; empty when the integration needs none).
+        sdk_package: Distribution name of the SDK (``"dvclive"``; empty when it needs none).
         rewrite_keys: Rewrite log keys with :func:`rewrite_logs` (default ``True``).
     """
 

@@ -209,11 +209,11 @@ class Reporter:
 
     def _work(self) -> None:
         pending = self._pending
+        item = None
         while True:
             self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
             ran = 0
-            item = None
             while pending:
                 item = pending.popleft()
                 if not self.disabled:
@@ -222,6 +222,8 @@ class Reporter:
                 if ran >= PROGRESS_EVERY:
                     self._advance(ran)
                     ran = 0
+            # Also on wake-ups with nothing new: what an integration still holds back gets written
+            # even when no further log comes (end_batch is cheap when there is nothing to do).
             if item is not None and not self.disabled:
                 self._end_batch(*item[1:4])
             self._advance(ran)
