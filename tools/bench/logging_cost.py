@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
 from typing import Any
 
 import torch
@@ -38,8 +37,8 @@ from benchlib import (
     Variant,
     Workload,
     _timed,
-    eprint,
     epochal_trainer,
+    eprint,
     fmt_ratio,
     importable,
     interleave,
