@@ -6,7 +6,8 @@
 Part 1 (7.6): saving the medium model (MLP 256-1024-1024-10, ~1.3M params) with
 its AdamW state after 3 steps, via ``epochal_core.checkpoint.save_training_checkpoint``
 (the Trainer's own path: weights, optimizer, scheduler, RNG, trainer_state.json,
-training_args.json, manifest, every file fsynced, atomic rename) against a bare
+training_args.json, the log_history append, manifest, every file fsynced, atomic
+rename) against a bare
 ``torch.save({"model", "optimizer"})`` into one file plus one fsync. Interleaved,
 median of ``--repeats``; each save writes a new folder/file, removed untimed.
 

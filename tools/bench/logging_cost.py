@@ -16,6 +16,8 @@ drained), rotated every round:
   no logging         logging_strategy="no", report_to="none"
   log every step     logging_steps=1, report_to="none" (the log machinery + printing)
   + tensorboard      logging_steps=1, report_to=["tensorboard"]
+  console off        the same, PrinterCallback removed (epochal only): what printing
+                     a line per log costs
 
 "wall" is the training loop's steady steps/s (what the loop loses on this
 2-core machine, the integration's threads running beside it); "cpu" is steps per
@@ -52,10 +54,17 @@ from benchlib import (
 )
 
 
-def run_epochal_draining(w: Workload, dataset: Any, **kwargs: Any) -> Result:
-    """epochal's Trainer; in lockstep, its reporters are drained before each hand-over."""
+def run_epochal_draining(w: Workload, dataset: Any, console: bool = True, **kwargs: Any) -> Result:
+    """epochal's Trainer; in lockstep, its reporters are drained before each hand-over.
+
+    ``console=False`` removes the PrinterCallback (no line printed per log).
+    """
+    from epochal_core import PrinterCallback
+
     clock = new_clock(w)
     trainer = epochal_trainer(w, dataset, clock=clock, **kwargs)
+    if not console:
+        trainer.remove_callback(PrinterCallback)
     if isinstance(clock, LockstepClock):
         clock.before_handover = trainer._drain_reporters
     return _timed(trainer.train, clock, w.steps)
@@ -79,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         ("log every step", lambda w: run_epochal_draining(w, data.dicts, logging_steps=1)),
         ("log every step + tensorboard",
          lambda w: run_epochal_draining(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
+        ("log every step, console off", lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1)),
+        ("log every step + tensorboard, console off",
+         lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1, report_to=["tensorboard"])),
     ])]
     if not ns.no_anchors and importable("transformers"):
         groups.append(("transformers", [

@@ -324,14 +324,14 @@ def test_first_sigint_stops_gracefully_and_second_aborts(tmp_path):
     assert latest_checkpoint(tmp_path / "twice").name == "checkpoint-3"  # no save after the abort
 
 
-def test_background_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
+def test_deferred_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
     """fsync on a pipe fails for real (EINVAL): the failure reaches the saver, so nothing is committed."""
-    from epochal_core.checkpoint import background_fsync, save_file
+    from epochal_core.checkpoint import deferred_fsync, save_file
 
     read_end, write_end = os.pipe()
     os.close(read_end)
     pipe = os.fdopen(write_end, "wb")
-    with pytest.raises(OSError) as raised, background_fsync() as fsync:
+    with pytest.raises(OSError) as raised, deferred_fsync() as fsync:
         save_file({"w": torch.ones(3)}, tmp_path / "ok.pt", fsync=fsync)
         fsync.submit(pipe)
     assert raised.value.errno == errno.EINVAL
@@ -341,7 +341,7 @@ def test_background_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     pipe = os.fdopen(write_end, "wb")
-    with pytest.raises(KeyError), background_fsync() as fsync:  # the block's own error wins
+    with pytest.raises(KeyError), deferred_fsync() as fsync:  # the block's own error wins
         fsync.submit(pipe)
         raise KeyError("boom")
     assert pipe.closed

@@ -22,7 +22,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,11 +31,12 @@ import torch
 __all__ = [
     "COMMIT_MARKER",
     "PREFIX_CHECKPOINT_DIR",
-    "BackgroundFsync",
     "CheckpointError",
+    "DeferredFsync",
     "atomic_checkpoint",
-    "background_fsync",
     "checkpoint_step",
+    "deferred_fsync",
+    "finish_file",
     "is_complete",
     "latest_checkpoint",
     "list_checkpoints",
@@ -77,43 +78,48 @@ def _fsync_and_close(file: IO[Any]) -> None:
         file.close()
 
 
-class BackgroundFsync:
-    """Makes files durable on a helper thread while the caller writes the next one.
+_ADVISE = getattr(os, "posix_fadvise", None)  # Linux and most Unixes; not macOS or Windows
 
-    Serializing a state dict is CPU work and ``fsync`` waits for the disk, so the
-    two overlap: a checkpoint of several files costs about its serialization plus
-    the last file's ``fsync``, instead of every ``fsync`` in turn. Use it through
-    :func:`background_fsync`, which waits for every ``fsync`` before it returns.
+
+class DeferredFsync:
+    r"""Makes several files durable for little more than the cost of one ``fsync``.
+
+    Each file handed to :meth:`submit` starts its write-back to the disk at once
+    (``posix_fadvise(POSIX_FADV_DONTNEED)``, which on Linux queues the dirty pages
+    without waiting), so the disk works while the next file is serialized;
+    :meth:`wait` then ``fsync``\ s and closes every file, by which time most of the
+    data is on the disk. Fsyncing each file right after writing it instead made the
+    next file's writes wait for the journal commit. Use it through
+    :func:`deferred_fsync`, which waits before it returns.
     """
 
     def __init__(self) -> None:
-        from concurrent.futures import Future, ThreadPoolExecutor  # only when a checkpoint is saved
-
-        # One thread: the file system's journal serializes fsyncs anyway.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochal-fsync")
-        self._jobs: list[Future[None]] = []
+        self._files: list[IO[Any]] = []
 
     def submit(self, file: IO[Any]) -> None:
-        """``fsync`` and close ``file`` (already flushed) on the helper thread."""
-        self._jobs.append(self._pool.submit(_fsync_and_close, file))
+        """Start writing ``file`` (already flushed) back to the disk; fsync and close it in :meth:`wait`."""
+        self._files.append(file)
+        if _ADVISE is not None:
+            with suppress(OSError):  # only a hint: a pipe or an odd file system may refuse it
+                _ADVISE(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def wait(self, raise_errors: bool = True) -> None:
-        """Wait for every submitted file; re-raise the first ``fsync`` error (if ``raise_errors``)."""
+        """Fsync and close every submitted file; re-raise the first error (if ``raise_errors``)."""
         error: BaseException | None = None
-        for job in self._jobs:
-            failure = job.exception()
-            if failure is not None and error is None:
-                error = failure
-        self._jobs.clear()
-        self._pool.shutdown()
+        files, self._files = self._files, []
+        for file in files:
+            try:
+                _fsync_and_close(file)
+            except Exception as err:  # keep closing the others
+                error = error or err
         if error is not None and raise_errors:
             raise error
 
 
 @contextmanager
-def background_fsync() -> Iterator[BackgroundFsync]:
-    """Yield a :class:`BackgroundFsync`; on exit, wait until every file given to it is durable."""
-    syncer = BackgroundFsync()
+def deferred_fsync() -> Iterator[DeferredFsync]:
+    """Yield a :class:`DeferredFsync`; on exit, wait until every file given to it is durable."""
+    syncer = DeferredFsync()
     done = False
     try:
         yield syncer
@@ -123,7 +129,8 @@ def background_fsync() -> Iterator[BackgroundFsync]:
         syncer.wait(raise_errors=done)
 
 
-def _finish(file: IO[Any], fsync: BackgroundFsync | None) -> None:
+def finish_file(file: IO[Any], fsync: DeferredFsync | None) -> None:
+    """Flush ``file``, then fsync and close it: now, or when ``fsync`` waits, if given."""
     file.flush()
     if fsync is not None:
         fsync.submit(file)
@@ -131,26 +138,26 @@ def _finish(file: IO[Any], fsync: BackgroundFsync | None) -> None:
         _fsync_and_close(file)
 
 
-def save_file(obj: Any, path: str | os.PathLike[str], *, fsync: BackgroundFsync | None = None) -> None:
-    """``torch.save`` ``obj`` to ``path`` and fsync it (on ``fsync``'s thread, when given)."""
-    file = open(path, "wb")  # noqa: SIM115 - closed by _finish, possibly on another thread
+def save_file(obj: Any, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> None:
+    """``torch.save`` ``obj`` to ``path`` and fsync it (when ``fsync`` waits, if given)."""
+    file = open(path, "wb")  # noqa: SIM115 - closed by finish_file, possibly later
     try:
         torch.save(obj, file)
     except BaseException:
         file.close()
         raise
-    _finish(file, fsync)
+    finish_file(file, fsync)
 
 
-def write_text(text: str, path: str | os.PathLike[str], *, fsync: BackgroundFsync | None = None) -> None:
-    """Write ``text`` (UTF-8) to ``path`` and fsync it (on ``fsync``'s thread, when given)."""
-    file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by _finish, possibly on another thread
+def write_text(text: str, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` and fsync it (when ``fsync`` waits, if given)."""
+    file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by finish_file, possibly later
     try:
         file.write(text)
     except BaseException:
         file.close()
         raise
-    _finish(file, fsync)
+    finish_file(file, fsync)
 
 
 def load_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
@@ -425,8 +432,8 @@ def save_training_checkpoint(trainer: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash at this very step
         tmp.mkdir(parents=True)
     barrier()
-    # Each file's fsync runs while the next file is serialized; all are durable when the block ends.
-    with background_fsync() as fsync:
+    # Every file starts its write-back as soon as it is written; all are fsynced when the block ends.
+    with deferred_fsync() as fsync:
         if rank == 0:
             save_file(trainer.model.state_dict(), tmp / WEIGHTS_NAME, fsync=fsync)
             if not args.save_only_model:
@@ -443,7 +450,7 @@ def save_training_checkpoint(trainer: Any) -> Path:
                 state.best_model_checkpoint = str(best)
         if rank == 0:
             state.stateful_callbacks = collect_callback_states(trainer.callback_handler.callbacks, trainer.control)
-            record = trainer._log_store.persist(root, state.log_history)
+            record = trainer._log_store.persist(root, state.log_history, fsync)
             write_text(trainer._log_store.state_json(state, record), tmp / "trainer_state.json", fsync=fsync)
             write_text(args.to_json_string(), tmp / TRAINING_ARGS_NAME, fsync=fsync)
     barrier()

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import DeferredFsync, finish_file
 from .state import TrainerState
 
 __all__ = ["LOG_HISTORY_TAIL", "RECORD_KEY", "LogHistoryStore"]
@@ -40,19 +41,28 @@ class LogHistoryStore:
         self.lines = 0
         self.bytes = 0
 
-    def persist(self, output_dir: str | os.PathLike[str], history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Append the entries not yet written, fsync, and return the record to store in the checkpoint."""
+    def persist(self, output_dir: str | os.PathLike[str], history: list[dict[str, Any]],
+                fsync: DeferredFsync | None = None) -> dict[str, Any]:
+        """Append the entries not yet written, fsync, and return the record to store in the checkpoint.
+
+        With ``fsync``, the fsync happens when it waits: the caller must wait for it before
+        committing the checkpoint that stores the record (every save fsyncs the file again,
+        so a record is only ever committed behind a successful fsync).
+        """
         path = Path(output_dir) / self.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "r+b" if path.exists() else "wb") as f:
+        file = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 - closed by finish_file
+        try:
             # Anything past the last recorded position belongs to a run that crashed
             # (or an older run in this folder): it is not part of this history.
-            f.truncate(self.bytes)
-            f.seek(self.bytes)
+            file.truncate(self.bytes)
+            file.seek(self.bytes)
             data = "".join(json.dumps(entry) + "\n" for entry in history[self.lines :]).encode("utf-8")
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            file.write(data)
+        except BaseException:
+            file.close()
+            raise
+        finish_file(file, fsync)
         self.lines = len(history)
         self.bytes += len(data)
         return {"args": {}, "attributes": {"file": self.file, "lines": self.lines, "bytes": self.bytes}}

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
-__all__ = ["LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "crc32c"]
+__all__ = ["LOGGING_DIR_ENV", "WRITE_OUT_INTERVAL", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
 
 logger = logging.getLogger(__name__)
 
