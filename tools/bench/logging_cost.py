@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-anchors", action="store_true")
+    p.add_argument("--lockstep", type=int, default=50, metavar="STEPS",
+                   help="turn length for epochal's variants (default 50); 0 runs them one after the other")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
     silence_loggers()
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for lib, variants in groups:
         eprint(f"[logging] {lib}")
         res: dict[str, list[Result]] = interleave(variants, w, rounds, warmup=w.scaled(w.warm + 20, w.warm),
-                                                  log=eprint, lockstep=50 if lib == "epochal" else 0)
+                                                  log=eprint, lockstep=ns.lockstep if lib == "epochal" else 0)
         ratios = {a: paired_ratios(res, "no logging", a) for a in ("steady", "cpu", "e2e")}
         for name, rs in res.items():
             rows.append([lib, name, f"{median([r.steady for r in rs]):.1f}", fmt_ratio(ratios["steady"][name]),
