@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -191,6 +192,16 @@ def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
         assert event.step == step and event.wall_time == 1_700_000_000.0 + step
         assert {v.tag: v.simple_value for v in event.summary.value} == pytest.approx(
             {tag: float(value) for tag, value in values.items()})
+
+
+def test_values_beyond_float32_are_written_as_infinite(tmp_path: Path) -> None:
+    """A diverging loss (1e39) is shown as inf, as protobuf stores it, instead of failing the integration."""
+    writer = EventFileWriter(tmp_path)
+    writer.write_scalars({"loss": 1e39, "neg": -1e300, "ok": 2.0, "nan": float("nan")}, global_step=1)
+    writer.close()
+    got = read_scalars(tmp_path)
+    assert got["loss"] == [(1, math.inf)] and got["neg"] == [(1, -math.inf)] and got["ok"] == [(1, 2.0)]
+    assert math.isnan(got["nan"][0][1])
 
 
 def test_writer_api_matches_summary_writer_for_scalars_and_text(tmp_path: Path) -> None:

@@ -35,13 +35,14 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from epochal_core.integrations import IntegrationCallback, flatten_params, model_config
@@ -183,7 +184,7 @@ WRITE_OUT_INTERVAL = 0.2
 #: Buffered bytes that trigger a write on their own (a writer used outside a training run).
 _BUFFER_LIMIT = 1 << 20
 _DOUBLE = struct.Struct("<d").pack
-_FLOAT = struct.Struct("<f").pack
+_FLOAT32_MAX = 3.4028234663852886e38
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
 
 # Event: wall_time=1 (double), step=2 (int64), file_version=3, summary=5, session_log=7.
@@ -191,6 +192,20 @@ _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
 # SummaryMetadata: plugin_data=1 {plugin_name=1, content=2}.
 _SESSION_LOG_START = b"\x08\x01"  # SessionLog{status: START}
 _STATUS_SUCCESS, _STATUS_FAILURE = 1, 2  # tensorboard.hparams.Status
+
+
+def _float32(value: float) -> float:
+    # Event files store float32: a value beyond its range is shown as infinite (what protobuf
+    # does), instead of struct's OverflowError disabling the integration when a loss diverges.
+    value = float(value)
+    return value if abs(value) <= _FLOAT32_MAX or value != value else math.copysign(math.inf, value)
+
+
+def _pack_floats(values: Iterable[float], count: int) -> bytes:
+    try:
+        return struct.pack(f"<{count}f", *values)
+    except OverflowError:
+        return struct.pack(f"<{count}f", *map(_float32, values))
 
 
 def clean_tag(tag: str) -> str:
@@ -341,12 +356,13 @@ class EventFileWriter:
         if layout is None:
             heads = [self._scalar_head(tag) for tag in values]
             if 12 + len(step_bytes) + sum(len(head) + 4 for head in heads) > _MAX_TEMPLATED:
-                summary = b"".join([head + _FLOAT(float(value)) for head, value in zip(heads, values.values())])
+                packed = _pack_floats(list(values.values()), len(heads))
+                summary = b"".join([head + packed[4 * i:4 * i + 4] for i, head in enumerate(heads)])
                 self._write(_event(step, walltime or time.time(), _delimited(0x2A, summary)))
                 return
             layout = self._layouts[key] = _ScalarLayout(heads, len(step_bytes))
         wall = _DOUBLE(walltime or time.time())
-        packed = struct.pack(f"<{len(values)}f", *values.values())
+        packed = _pack_floats(list(values.values()), len(values))
         # The changing bytes, in the order they appear in the event.
         register = layout.template_crc
         for table, byte in zip(layout.tables, wall + step_bytes + packed):
