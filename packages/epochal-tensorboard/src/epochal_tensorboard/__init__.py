@@ -42,7 +42,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from epochal_core.integrations import IntegrationCallback, flatten_params, model_config
@@ -201,7 +201,7 @@ def _float32(value: float) -> float:
     return value if abs(value) <= _FLOAT32_MAX or value != value else math.copysign(math.inf, value)
 
 
-def _pack_floats(values: Iterable[float], count: int) -> bytes:
+def _pack_floats(values: list[float], count: int) -> bytes:
     try:
         return struct.pack(f"<{count}f", *values)
     except OverflowError:
