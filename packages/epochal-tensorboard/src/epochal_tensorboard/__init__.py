@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
-__all__ = ["LOGGING_DIR_ENV", "WRITE_OUT_INTERVAL", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
+__all__ = ["LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,6 @@ def _delimited(key: int, payload: bytes) -> bytes:
     return bytes((key,)) + _varint(len(payload)) + payload
 
 
-#: Seconds between two write-outs of buffered events during training.
-WRITE_OUT_INTERVAL = 0.2
 #: Buffered bytes that trigger a write on their own (a writer used outside a training run).
 _BUFFER_LIMIT = 1 << 20
 _DOUBLE = struct.Struct("<d").pack
@@ -296,7 +294,6 @@ class EventFileWriter:
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
         self._buffer = bytearray()
-        self._last_write_out = 0.0
         self._scalar_heads: dict[str, bytes] = {}
         self._layouts: dict[tuple[tuple[str, ...], int], _ScalarLayout] = {}
         now = time.time()
@@ -323,7 +320,6 @@ class EventFileWriter:
     def _write_out(self) -> None:
         # Caller holds the lock. A failed write keeps what was not written, to retry later.
         assert self._fd is not None
-        self._last_write_out = time.monotonic()
         while self._buffer:
             written = os.write(self._fd, self._buffer)
             del self._buffer[:written]
@@ -331,12 +327,8 @@ class EventFileWriter:
     def write_out(self) -> None:
         """Hand the buffered events to the operating system (one ``write``; readers see them at once)."""
         with self._lock:
-            if self._fd is not None:
+            if self._fd is not None and self._buffer:
                 self._write_out()
-
-    def write_out_due(self) -> bool:
-        """Whether events are buffered and the last write-out is :data:`WRITE_OUT_INTERVAL` seconds old."""
-        return bool(self._buffer) and time.monotonic() - self._last_write_out >= WRITE_OUT_INTERVAL
 
     def _scalar_head(self, tag: str) -> bytes:
         # Summary.Value{tag, simple_value}: everything but the 4 value bytes, once per tag.
@@ -513,9 +505,9 @@ class TensorBoardCallback(IntegrationCallback):
             writer.add_text(tag, text, step)
 
     def end_batch(self) -> None:
-        """Write out the buffered events, at most every 0.2 s (one ``write`` per batch of logs)."""
+        """Write out the events of the batch of logs the reporter just ran (one ``write`` per batch)."""
         writer = self.tb_writer
-        if isinstance(writer, EventFileWriter) and writer.write_out_due():
+        if isinstance(writer, EventFileWriter):
             writer.write_out()
 
     def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
