@@ -16,6 +16,8 @@ drained), rotated every round:
   no logging         logging_strategy="no", report_to="none"
   log every step     logging_steps=1, report_to="none" (the log machinery + printing)
   + tensorboard      logging_steps=1, report_to=["tensorboard"]
+  tqdm bar on        logging_steps=1 with the default progress bar, which writes each
+                     log above the bar (epochal only)
   console off        the same, PrinterCallback removed (epochal only): what printing
                      a line per log costs
 
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ("log every step", lambda w: run_epochal_draining(w, data.dicts, logging_steps=1)),
         ("log every step + tensorboard",
          lambda w: run_epochal_draining(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
+        ("log every step, tqdm bar on", lambda w: run_epochal_draining(w, data.dicts, logging_steps=1, tqdm=True)),
         ("log every step, console off", lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1)),
         ("log every step + tensorboard, console off",
          lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1, report_to=["tensorboard"])),

@@ -246,3 +246,19 @@ def test_schedules_match_transformers_formulas(name):
         assert lrs == pytest.approx([*warm, *[(10 - s) / 8 for s in range(2, 10)]])
     else:
         assert lrs == pytest.approx([*warm, *[0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]])
+
+
+def test_progress_bar_prints_every_log_line_once_and_in_order(tmp_path, capsys):
+    """Fast logs are written above the bar in groups (one redraw per group), none lost or reordered."""
+    from epochal_core.progress import format_logs_line
+
+    args = make_args(tmp_path, max_steps=40, logging_steps=1, disable_tqdm=False, eval_strategy="steps",
+                     eval_steps=20)
+    trainer = Trainer(TinyRegressor(), args, train_dataset=DictDataset(), eval_dataset=DictDataset(n=8))
+    trainer.train()
+    out = capsys.readouterr().out  # tqdm.write prints to stdout, the bar to stderr
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    expected = [format_logs_line({k: v for k, v in entry.items() if k != "step"})
+                for entry in trainer.state.log_history]
+    assert lines == expected  # 40 train logs, 2 evaluations and the summary, each once, in order
+    assert len(expected) == 43
