@@ -451,10 +451,21 @@ def epochal_trainer(
     return Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, sched), callbacks=callbacks)
 
 
-def run_epochal(w: Workload, dataset: Any, **kwargs: Any) -> Result:
-    """(b) epochal's Trainer with its default callbacks."""
+def run_epochal(w: Workload, dataset: Any, console: bool = True, **kwargs: Any) -> Result:
+    """(b) epochal's Trainer with its default callbacks.
+
+    ``console=False`` removes the PrinterCallback (no line printed per log). In
+    lockstep, the trainer's reporters are drained before each hand-over, so
+    their threads' work is charged to this variant's own turn.
+    """
+    from epochal_core import PrinterCallback
+
     clock = new_clock(w)
     trainer = epochal_trainer(w, dataset, clock=clock, **kwargs)
+    if not console:
+        trainer.remove_callback(PrinterCallback)
+    if isinstance(clock, LockstepClock):
+        clock.before_handover = trainer._drain_reporters
     res = _timed(trainer.train, clock, w.steps)
     res.extra["trainer"] = trainer
     return res

@@ -31,45 +31,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import torch
 from benchlib import (
     TINY,
-    LockstepClock,
     Result,
     Variant,
-    Workload,
-    _timed,
-    epochal_trainer,
     eprint,
     fmt_ratio,
     importable,
     interleave,
     make_data,
     median,
-    new_clock,
     paired_ratios,
+    run_epochal,
     run_transformers,
     silence_loggers,
     table,
 )
-
-
-def run_epochal_draining(w: Workload, dataset: Any, console: bool = True, **kwargs: Any) -> Result:
-    """epochal's Trainer; in lockstep, its reporters are drained before each hand-over.
-
-    ``console=False`` removes the PrinterCallback (no line printed per log).
-    """
-    from epochal_core import PrinterCallback
-
-    clock = new_clock(w)
-    trainer = epochal_trainer(w, dataset, clock=clock, **kwargs)
-    if not console:
-        trainer.remove_callback(PrinterCallback)
-    if isinstance(clock, LockstepClock):
-        clock.before_handover = trainer._drain_reporters
-    return _timed(trainer.train, clock, w.steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         w, rounds = TINY.scaled(steps=300, warm=50), 1
     data = make_data(w)
     groups: list[tuple[str, list[Variant]]] = [("epochal", [
-        ("no logging", lambda w: run_epochal_draining(w, data.dicts)),
-        ("log every step", lambda w: run_epochal_draining(w, data.dicts, logging_steps=1)),
+        ("no logging", lambda w: run_epochal(w, data.dicts)),
+        ("log every step", lambda w: run_epochal(w, data.dicts, logging_steps=1)),
         ("log every step + tensorboard",
-         lambda w: run_epochal_draining(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
-        ("log every step, tqdm bar on", lambda w: run_epochal_draining(w, data.dicts, logging_steps=1, tqdm=True)),
-        ("log every step, console off", lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1)),
+         lambda w: run_epochal(w, data.dicts, logging_steps=1, report_to=["tensorboard"])),
+        ("log every step, tqdm bar on", lambda w: run_epochal(w, data.dicts, logging_steps=1, tqdm=True)),
+        ("log every step, console off", lambda w: run_epochal(w, data.dicts, console=False, logging_steps=1)),
         ("log every step + tensorboard, console off",
-         lambda w: run_epochal_draining(w, data.dicts, False, logging_steps=1, report_to=["tensorboard"])),
+         lambda w: run_epochal(w, data.dicts, console=False, logging_steps=1, report_to=["tensorboard"])),
     ])]
     if not ns.no_anchors and importable("transformers"):
         groups.append(("transformers", [

@@ -278,8 +278,13 @@ def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
     class Peek(TrainerCallback):
         def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
             if state.global_step == 3:  # before step 3's log: steps 1 and 2 were logged
-                time.sleep(1.0)  # several batch and write-out intervals
-                seen.extend(s for s, _ in read_scalars(out / "runs").get("train/loss", []))
+                # Training waits here, so no further log comes: the reporter's own wake-up
+                # (every 0.2 s) must write them. Polled, with a bound far above that.
+                deadline = time.monotonic() + 30
+                while len(seen) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    if (out / "runs").is_dir():
+                        seen[:] = [s for s, _ in read_scalars(out / "runs").get("train/loss", [])]
 
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(out, max_steps=4, save_strategy="no"),
                       train_dataset=tiny_dataset(), callbacks=[Peek()])

@@ -181,12 +181,8 @@ class IntegrationCallback(TrainerCallback):
         return params
 
     def scalars(self, logs: Mapping[str, Any]) -> dict[str, float | int]:
-        """Rewrite keys (if enabled) and keep scalars, warning once per dropped key."""
-        values = rewrite_logs(logs) if self.rewrite_keys else dict(logs)
-        kept, dropped = split_scalars(values)
-        for key in dropped:
-            self._warn_dropped(key, values[key])
-        return kept
+        """Rewrite keys (if enabled) and keep scalars, warning once per dropped key (strings included)."""
+        return self._split_logs(logs, takes_text=False)[0]
 
     def _ensure_setup(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         if not self._initialized:
@@ -217,14 +213,17 @@ class IntegrationCallback(TrainerCallback):
         if (metrics or texts) and state.global_step > self.last_logged_step:
             self.last_logged_step = state.global_step
 
-    def _split_logs(self, logs: Mapping[str, Any]) -> tuple[dict[str, float | int], dict[str, str]]:
+    def _split_logs(
+        self, logs: Mapping[str, Any], takes_text: bool | None = None
+    ) -> tuple[dict[str, float | int], dict[str, str]]:
         # One pass per log, with each key's rewritten name computed once per run: this runs
         # for every log of every integration.
         names = self.__dict__.get("_names")
         if names is None:  # a subclass that skipped IntegrationCallback.__init__
             names = self._names = {}
-        # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.
-        takes_text = type(self).log_texts is not IntegrationCallback.log_texts
+        if takes_text is None:
+            # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.
+            takes_text = type(self).log_texts is not IntegrationCallback.log_texts
         metrics: dict[str, float | int] = {}
         texts: dict[str, str] = {}
         for key, value in logs.items():
