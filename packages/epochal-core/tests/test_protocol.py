@@ -242,3 +242,10 @@ def test_printed_log_line_is_the_formatted_dict():
         logs = {"loss": value, "epoch": 1, "note": "x" * 150, "ok": True, "total_flos": 5.0, "tag": "hi"}
         assert format_logs_line(logs) == str(format_logs(logs)), value
     assert format_logs_line({"loss": 0.123456, "total_flos": 1e12}) == "{'loss': 0.1235}"
+    # Logs of floats only take the cached-template path: the same text, whatever the values and keys.
+    for i in range(0, len(values) - 3):
+        logs = {"loss": values[i], "grad_norm": values[i + 1], "learning_rate": values[i + 2], "epoch": values[i + 3]}
+        assert format_logs_line(logs) == str(format_logs(logs)), logs
+    odd_keys = {"100%": 0.5, "it's": 1.25, 'say "hi"': 2.5, "%s": 0.125, "": 3.5}
+    assert format_logs_line(odd_keys) == str(format_logs(odd_keys))
+    assert format_logs_line({}) == "{}"

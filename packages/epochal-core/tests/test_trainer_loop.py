@@ -170,13 +170,37 @@ def test_compute_metrics_and_predict(tmp_path):
 
 
 def test_device_is_read_only_when_a_log_is_due(tmp_path):
-    """The loss stays on the device between logs: count the reads, not the time."""
-    args = make_args(tmp_path, max_steps=20, logging_steps=5, save_strategy="no")
+    """The loss stays on the device between logs: count the reads, not the time.
+
+    (With the non-finite guard on, a CPU run reads the loss at every update for the check
+    anyway, so it sums it on the host instead: see the next test.)
+    """
+    args = make_args(tmp_path, max_steps=20, logging_steps=5, save_strategy="no", nonfinite_policy="off")
     trainer = Trainer(TinyRegressor(), args, train_dataset=tensor_dataset())
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(train_logs) == 4
     assert trainer._to_host_calls == len(train_logs) + 1  # + the final summary
+
+
+def test_cpu_guard_sums_on_the_host_with_the_same_logs(tmp_path):
+    """Summing the guard's reads as floats logs what summing tensors logs, and reads nothing at a log."""
+    runs = {}
+    for policy in ("skip", "off"):
+        args = make_args(tmp_path / policy, max_steps=12, logging_steps=4, save_strategy="no",
+                         nonfinite_policy=policy)
+        trainer = Trainer(TinyRegressor(), args, train_dataset=tensor_dataset())
+        out = trainer.train()
+        runs[policy] = (trainer, out)
+    host, device = runs["skip"][0], runs["off"][0]
+    assert host._host_loss is not None and device._host_loss is None
+    assert host._to_host_calls == 0
+    keys = ("step", "loss", "grad_norm", "learning_rate", "epoch")
+    host_logs = [h[k] for h in host.state.log_history if "loss" in h for k in keys]
+    device_logs = [h[k] for h in device.state.log_history if "loss" in h for k in keys]
+    assert len(host_logs) == 3 * len(keys)
+    assert host_logs == pytest.approx(device_logs, rel=1e-6)
+    assert runs["skip"][1].training_loss == pytest.approx(runs["off"][1].training_loss, rel=1e-6)
 
 
 def test_early_stopping_and_best_model(tmp_path):

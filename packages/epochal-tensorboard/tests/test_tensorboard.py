@@ -266,6 +266,46 @@ def test_trainer_run_matches_log_history(tmp_path: Path) -> None:
     assert trainer.integration_failures == []
 
 
+def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reporter runs a passed-in writer up to 0.2 s late; each event keeps the training thread's time."""
+    import epochal_core.reporting
+    from torch.utils.tensorboard import SummaryWriter
+
+    emitted = iter(1_600_000_000.0 + 10 * i for i in range(1000))  # the reporter's clock only, not the writer's
+    monkeypatch.setattr(epochal_core.reporting, "_now", lambda: next(emitted))
+    callback = TensorBoardCallback(SummaryWriter(log_dir=str(tmp_path / "mine")))
+    assert not callback.run_inline  # the built-in writer runs inline (see the next tests)
+    trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", save_strategy="no", report_to="none"),
+                      train_dataset=tiny_dataset(), callbacks=[callback])
+    trainer.train()
+    times = [e.wall_time for e in accumulate(tmp_path / "mine").Scalars("train/loss")]
+    assert len(times) == 6
+    assert all(t % 10 == 0 and t >= 1_600_000_000.0 for t in times)  # stamps, not the writer's time.time()
+    assert times == sorted(times) and len(set(times)) == 6
+
+
+def test_the_built_in_writer_runs_on_the_training_thread(tmp_path: Path) -> None:
+    """A log is an append to the writer's list on the training thread; its own thread writes the file."""
+    import threading
+
+    seen: set[str] = set()
+
+    class Spy(TensorBoardCallback):
+        def log_metrics(self, metrics: Any, step: int, state: TrainerState) -> None:
+            seen.add(threading.current_thread().name)
+            super().log_metrics(metrics, step, state)
+
+    trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", report_to="none"),
+                      train_dataset=tiny_dataset(), callbacks=[Spy()])
+    trainer.train()
+    assert seen == {threading.main_thread().name}
+    assert_same_scalars(read_scalars(tmp_path / "out" / "runs"), expected_scalars(trainer.state.log_history))
+    with pytest.raises(ValueError, match="flush_interval=0"):
+        EventFileWriter(tmp_path / "x", flush_interval=0)
+
+
 def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
     """A live TensorBoard sees each log within a fraction of a second, even when no further log follows."""
     import time
@@ -433,10 +473,11 @@ def test_disk_full_mid_run_disables_the_integration(
     assert disk_full.filled is not None
     assert len(run.failures) == 1
     failure = run.failures[0]
-    # The first write-out after the disk filled up fails with ENOSPC: the end of the reporter's
-    # batch, or the checkpoint's flush when the step-5 save drained that batch first.
+    # The first write-out after the disk filled up fails with ENOSPC: the writer's background
+    # write-out, or the checkpoint's flush when the step-5 save comes first.
     assert isinstance(failure.error, OSError) and failure.error.errno == errno.ENOSPC
-    assert failure.event in {"end_batch", "on_save"}
+    # The writer's thread found it; the next log or save on the training thread reports it.
+    assert failure.event in {"on_log", "on_save"}
     assert any("was disabled; training continues" in r.getMessage() for r in caplog.records)
     # What reached the file before the disk filled up is intact and readable.
     disk_full.free_disk()
@@ -495,3 +536,27 @@ def test_a_run_imports_no_tensorboard_package(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert [s for s, _ in read_scalars(tmp_path / "out" / "runs")["train/loss"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("count", [1, 23, 24, 300])
+def test_runs_of_events_are_encoded_together_with_valid_crcs(tmp_path: Path, count: int) -> None:
+    """A run of same-shape logs is encoded at once (pure Python below 24 events, torch from 24 on)."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    writer = EventFileWriter(tmp_path, flush_interval=None)
+    written = []
+    for i in range(count):
+        step = 120 + i  # crosses the 1- to 2-byte varint boundary at 128: two shapes
+        values = {"train/loss": 1 / (i + 1), "train/lr": -3e-4 * i, "train/big": 1e39 * (i % 2), "train/n": i}
+        writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + i / 7)
+        written.append((step, values))
+    writer.close()
+    reader = PyRecordReader_New(writer.path)
+    reader.GetNext()  # the file version
+    for step, values in written:
+        reader.GetNext()  # raises DataLossError on a bad CRC
+        event = Event.FromString(reader.record())
+        assert event.step == step and event.wall_time == 1_700_000_000.0 + (step - 120) / 7
+        got = {v.tag: v.simple_value for v in event.summary.value}
+        want = {tag: float(value) if abs(value) < 1e38 else math.inf for tag, value in values.items()}
+        assert got == pytest.approx(want, rel=1e-6)

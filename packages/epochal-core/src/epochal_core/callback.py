@@ -66,11 +66,14 @@ class TrainerCallback:
             ties keep insertion order. Default ``0``.
         run_inline: For integrations resolved from ``report_to``: ``True`` runs the
             events on the training thread instead of the background reporter
-            queue. Use it only when the callback must see the live objects.
+            queue (an instance may set it too, before the Trainer takes it). Use it
+            when the callback must see the live objects, or when its events cost
+            less than handing them to another thread (a log written to a local
+            buffer: epochal's TensorBoard writer).
     """
 
     order: ClassVar[int] = 0
-    run_inline: ClassVar[bool] = False
+    run_inline: bool = False
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         """Called at the end of ``Trainer.__init__``."""

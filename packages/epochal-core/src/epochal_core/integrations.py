@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["IntegrationCallback", "flatten_params", "model_config", "rewrite_key", "rewrite_logs", "split_scalars"]
 
 logger = logging.getLogger(__name__)
+
+#: Most log keys (and tuples of keys) whose tracker names are cached per integration.
+_CACHE_LIMIT = 1024
 
 
 def rewrite_key(key: str) -> str:
@@ -107,11 +110,17 @@ class IntegrationCallback(TrainerCallback):
     sdk: ClassVar[str] = ""
     sdk_package: ClassVar[str] = ""
     rewrite_keys: ClassVar[bool] = True
+    #: When the event being handled was emitted on the training thread (``time.time()``), or ``None``
+    #: when it runs there now. epochal's reporter runs queued events up to
+    #: :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds later and sets this before each
+    #: one, so a tracker that accepts a timestamp records when the log happened.
+    event_time: float | None = None
 
     def __init__(self) -> None:
         self._initialized = False
         self._warned_keys: set[str] = set()
         self._names: dict[str, str] = {}  # log key -> key sent to the tracker
+        self._name_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}  # the same, per tuple of keys
         #: Tracker run id, saved in checkpoints and restored on resume.
         self.run_id: str | None = None
         #: Highest ``global_step`` already sent to the tracker (restored on resume).
@@ -202,9 +211,22 @@ class IntegrationCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
     ) -> Any:
         """Send the scalars of ``logs`` at ``state.global_step``."""
+        self._handle_log(args, state, logs, kwargs)
+
+    def queued_log_handler(self) -> Callable[[TrainingArguments, TrainerState, Any, dict[str, Any]], None] | None:
+        """What epochal's reporter calls for a queued ``on_log``, or ``None`` to call ``on_log``.
+
+        When a subclass does not override :meth:`on_log`, the reporter calls its body
+        with the keyword arguments as one dict: unpacking seven keywords into a call
+        costs more than the rest of the event.
+        """
+        return self._handle_log if type(self).on_log is IntegrationCallback.on_log else None
+
+    def _handle_log(self, args: TrainingArguments, state: TrainerState, logs: Any, kwargs: dict[str, Any]) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        self._ensure_setup(args, state, kwargs)
+        if not self._initialized:
+            self._ensure_setup(args, state, {k: v for k, v in kwargs.items() if k != "logs"})
         metrics, texts = self._split_logs(logs)
         if metrics:
             self.log_metrics(metrics, state.global_step, state)
@@ -221,15 +243,28 @@ class IntegrationCallback(TrainerCallback):
         names = self.__dict__.get("_names")
         if names is None:  # a subclass that skipped IntegrationCallback.__init__
             names = self._names = {}
+            self._name_tuples = {}
+        # The common case, every value a number: the names of this set of keys are cached together.
+        keys = tuple(logs)
+        renamed = self._name_tuples.get(keys)
+        if renamed is None:
+            renamed = tuple(names.get(key) or self._rename(key) for key in keys)
+            if len(self._name_tuples) < _CACHE_LIMIT:
+                self._name_tuples[keys] = renamed
+        values = logs.values()
+        for value in values:
+            kind = type(value)
+            if kind is not float and kind is not int and kind is not bool:
+                break
+        else:
+            return dict(zip(renamed, values)), {}
         if takes_text is None:
             # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.
             takes_text = type(self).log_texts is not IntegrationCallback.log_texts
         metrics: dict[str, float | int] = {}
         texts: dict[str, str] = {}
         for key, value in logs.items():
-            name = names.get(key)
-            if name is None:
-                name = names[key] = rewrite_key(key) if self.rewrite_keys else key
+            name = names.get(key) or self._rename(key)
             kind = type(value)
             if kind is float or kind is int or kind is bool:
                 metrics[name] = value
@@ -241,6 +276,12 @@ class IntegrationCallback(TrainerCallback):
                 if dropped:
                     self._warn_dropped(name, value)
         return metrics, texts
+
+    def _rename(self, key: str) -> str:
+        name = rewrite_key(key) if self.rewrite_keys else key
+        if len(self._names) < _CACHE_LIMIT:  # bounded: a run that invents keys must not grow it forever
+            self._names[key] = name
+        return name
 
     def _warn_dropped(self, key: str, value: Any) -> None:
         if key not in self._warned_keys:

@@ -27,9 +27,11 @@ import threading
 import traceback
 import weakref
 from collections import deque
+from time import time as _now
 from typing import Any
 
 from .handler import overridden_events
+from .integrations import IntegrationCallback
 
 __all__ = ["BATCH_INTERVAL", "QUEUE_CAPACITY", "IntegrationFailure", "Reporter"]
 
@@ -122,7 +124,14 @@ class Reporter:
         self.failures = failures if failures is not None else []
         self.capacity = capacity
         self.inline = bool(getattr(callback, "run_inline", False))
-        self._has_end_batch = callable(getattr(callback, "end_batch", None))
+        # Not called when it is IntegrationCallback's no-op (one call fewer per inline event).
+        end_batch = getattr(type(callback), "end_batch", None)
+        self._has_end_batch = callable(end_batch) and end_batch is not IntegrationCallback.end_batch
+        # Integrations that take it get the time each queued event was emitted (see IntegrationCallback).
+        self._stamps = hasattr(callback, "event_time")
+        # An IntegrationCallback's on_log body, called with the keywords as one dict (see its docs).
+        get_handler = getattr(callback, "queued_log_handler", None)
+        self._log_handler = get_handler() if callable(get_handler) else None
         self.__epochal_events__ = overridden_events(callback)
         self._pending: deque[Any] = deque()
         # Wakes the worker early (backlog, drain, close); it also wakes on its own every BATCH_INTERVAL.
@@ -142,20 +151,26 @@ class Reporter:
 
     def _make_dispatcher(self, event: str) -> Any:
         sync = self.inline or event in SYNC_EVENTS
+        # An integration's on_log body never sees the control object: no snapshot of it then.
+        copy_control = not (event == "on_log" and self._log_handler is not None)
 
-        def dispatch(args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Positional-only: CPython matches each of the seven keywords the handler passes against
+        # every named parameter (a string comparison each) unless the parameters cannot take them.
+        def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
             if self.disabled:
                 self._check()
                 return None
             if sync:
                 self.drain()
+                if self._stamps:
+                    self.callback.event_time = None  # runs now: its own clock is right
                 if not self.disabled:
                     self._run(event, args, state, control, kwargs)
                     if not self.disabled:
                         self._end_batch(args, state, control)
                 self._check()
                 return None
-            self._enqueue(event, args, state, control, kwargs)
+            self._enqueue(event, args, state, _shallow_copy(control) if copy_control else control, kwargs)
             return None
 
         return dispatch
@@ -166,12 +181,12 @@ class Reporter:
         return self._submitted - self._done
 
     def _enqueue(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        # ``control`` is already a snapshot (or unused by the event's handler).
         if self._failure is not None:
             self._check()
         # Snapshot what the loop mutates, so the worker sees the values of this event.
         # (kwargs is this call's own dict: replacing its entries touches no caller's.)
         state = _shallow_copy(state)
-        control = _shallow_copy(control)
         logs = kwargs.get("logs")
         if logs is not None:
             kwargs["logs"] = dict(logs)
@@ -183,7 +198,7 @@ class Reporter:
         if self._submitted - self._done >= self.capacity:
             self._wait_for_room()
         # deque.append is atomic: the worker pops from the other end without a lock.
-        self._pending.append((event, args, state, control, kwargs))
+        self._pending.append((event, args, state, control, kwargs, _now()))
         self._submitted += 1
         if self._submitted - self._done >= WAKE_BACKLOG:
             self._wake.set()
@@ -210,23 +225,27 @@ class Reporter:
 
     def _work(self) -> None:
         pending = self._pending
-        item = None
+        callback, stamps = self.callback, self._stamps
+        last = None
         while True:
             self._wake.wait(BATCH_INTERVAL)
             self._wake.clear()
             ran = 0
             while pending:
-                item = pending.popleft()
+                event, args, state, control, kwargs, emitted = pending.popleft()
                 if not self.disabled:
-                    self._run(*item)
+                    if stamps:
+                        callback.event_time = emitted
+                    self._run(event, args, state, control, kwargs)
+                last = (args, state, control)
                 ran += 1
                 if ran >= PROGRESS_EVERY:
                     self._advance(ran)
                     ran = 0
             # Also on wake-ups with nothing new: what an integration still holds back gets written
             # even when no further log comes (end_batch is cheap when there is nothing to do).
-            if item is not None and not self.disabled:
-                self._end_batch(*item[1:4])
+            if last is not None and not self.disabled:
+                self._end_batch(*last)
             self._advance(ran)
             if self._stopping and not pending:
                 return
@@ -244,7 +263,9 @@ class Reporter:
 
     def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
         try:
-            if event == "end_batch":
+            if event == "on_log" and self._log_handler is not None:
+                self._log_handler(args, state, kwargs.get("logs"), kwargs)
+            elif event == "end_batch":
                 self.callback.end_batch()
             else:
                 getattr(self.callback, event)(args, state, control, **kwargs)

@@ -242,6 +242,10 @@ class Trainer:
         )
         self.control = TrainerControl()
         self._to_host_calls = 0
+        # Sums kept on the host when the guard reads the values anyway (see _inner_training_loop).
+        self._host_loss: float | None = None
+        self._host_skipped = 0
+        self._host_norm: float | None = None
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # -- setup ---------------------------------------------------------------------
@@ -634,6 +638,14 @@ class Trainer:
             self.optimizer, "defaults", {}
         ).get("fused", False)
         clip = args.max_grad_norm > 0
+        # On the CPU the guard reads the loss and the gradient norm at every update anyway (a memory
+        # load), so they are summed as Python floats: no tensor op per update, none at a log.
+        self._host_loss = 0.0 if (
+            policy != "off" and not sync_free_guard and self.scaler is None
+            and self.device.type == "cpu" and not self.is_distributed
+        ) else None
+        self._host_skipped = 0
+        self._host_norm = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         for epoch in range(epochs_trained, num_train_epochs):
             skip = steps_to_skip if epoch == epochs_trained else 0
@@ -688,11 +700,20 @@ class Trainer:
                             self.optimizer.found_inf = bad.float()  # type: ignore[union-attr]
                             self._skipped += bad
                             update_loss = torch.where(bad, torch.zeros_like(update_loss), update_loss)
-                        elif not all(math.isfinite(value.item()) for value in checked):
+                        else:
                             # Reading scalars costs less than a chain of tiny tensor ops on the CPU.
-                            skip_update = True
-                            self._skipped += 1
-                            self._on_nonfinite(update_loss, grad_norm)
+                            values = [value.item() for value in checked]
+                            if self._host_loss is not None:
+                                self._host_norm = values[1] if grad_norm is not None else None
+                            if not all(map(math.isfinite, values)):
+                                skip_update = True
+                                if self._host_loss is None:
+                                    self._skipped += 1
+                                else:
+                                    self._host_skipped += 1
+                                self._on_nonfinite(update_loss, grad_norm)
+                            elif self._host_loss is not None:
+                                self._host_loss += values[0]
                     self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
                     if not skip_update:
                         if self.scaler is not None:
@@ -700,7 +721,8 @@ class Trainer:
                             self.scaler.update()
                         else:
                             self.optimizer.step()  # type: ignore[union-attr]
-                        self._tr_loss += update_loss
+                        if self._host_loss is None:
+                            self._tr_loss += update_loss
                     self.control = handler.on_optimizer_step(args, self.state, self.control)
                     learning_rate = self.lr_scheduler.get_last_lr()[0]
                     self.lr_scheduler.step()
@@ -745,7 +767,7 @@ class Trainer:
         if self.is_distributed:
             all_reduce_(self._tr_loss)
             self._tr_loss /= self.dist.world_size
-        remaining = self._to_host(self._tr_loss)[0]
+        remaining = self._to_host(self._tr_loss)[0] if self._host_loss is None else self._host_loss
         self._total_loss_scalar += remaining
         steps_done = self.state.global_step - start_step
         runtime = time.perf_counter() - start_time
@@ -803,30 +825,43 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
 
+    def _read_log_scalars(self, grad_norm: torch.Tensor | None) -> tuple[float, int, float | None]:
+        """The loss summed since the last log, the updates skipped since then and the last gradient norm.
+
+        Resets the sums. Reads the device once (one all-reduce under DDP), or not at all when
+        the guard summed them on the host.
+        """
+        if self._host_loss is not None:
+            loss, skipped = self._host_loss, self._host_skipped
+            self._host_loss, self._host_skipped = 0.0, 0
+            return loss, skipped, self._host_norm
+        parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
+        if self.is_distributed:
+            # The mean loss over ranks; the skip count and the gradient norm are the same on every rank.
+            stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
+            all_reduce_(stacked)
+            stacked /= self.dist.world_size
+            values = self._to_host(stacked)
+        else:
+            values = self._scalars_to_host(parts)
+        self._tr_loss.zero_()
+        skipped = int(values[1])
+        if skipped:
+            self._skipped.zero_()
+        return values[0], skipped, values[2] if grad_norm is not None else None
+
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float) -> None:
         control = self.control
         if control.should_log and self.state.global_step > self._globalstep_last_logged:
-            parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
-            if self.is_distributed:
-                # The mean loss over ranks; the skip count and the gradient norm are the same on every rank.
-                stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
-                all_reduce_(stacked)
-                stacked /= self.dist.world_size
-                values = self._to_host(stacked)
-            else:
-                values = self._scalars_to_host(parts)
-            self._tr_loss.zero_()
-            skipped = int(values[1])
-            if skipped:
-                self._skipped.zero_()
+            loss_sum, skipped, norm = self._read_log_scalars(grad_norm)
             steps = self.state.global_step - self._globalstep_last_logged
-            logs: dict[str, float] = {"loss": values[0] / max(steps - skipped, 1)}
-            if grad_norm is not None:
-                logs["grad_norm"] = values[2]
+            logs: dict[str, float] = {"loss": loss_sum / max(steps - skipped, 1)}
+            if norm is not None:
+                logs["grad_norm"] = norm
             logs["learning_rate"] = learning_rate
             if skipped:
                 logs["nonfinite_steps_skipped"] = skipped
-            self._total_loss_scalar += values[0]
+            self._total_loss_scalar += loss_sum
             self._globalstep_last_logged = self.state.global_step
             self.log(logs)
             # Callbacks ran: under DDP, agree again on what happens next (only on steps with events).

@@ -32,10 +32,12 @@ passed as ``tb_writer`` for histograms, images and the rest.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import logging
 import math
+import operator
 import os
 import re
 import socket
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
-__all__ = ["LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
+__all__ = ["FLUSH_INTERVAL", "LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,32 +125,111 @@ def _distance_tables(longest: int) -> list[list[int]]:
 
 
 class _ScalarLayout:
-    """One shape of scalar event (its tags, the width of its step) and its CRC template.
+    """One shape of scalar event (its tags, the width of its step), encoded a run of events at a time.
 
     An event of this shape is ``0x09 <wall time> [0x10 <step>] 0x2a <length> (<tag head> <value>)...``:
-    only the wall time, the step and the values change from log to log, so the CRC is the
-    template's (those bytes zero) XOR one table lookup per changing byte, about 30 lookups
-    instead of one per byte of the event.
+    only the wall time, the step and the values change from log to log. A run of ``n`` events of
+    one shape is encoded by C-level operations over the run, not per event: the records are the
+    template repeated ``n`` times, the changing bytes of all events are packed by one ``struct``
+    call and copied in column by column (one extended-slice assignment per byte position), and
+    the CRC of every record is the template's XOR one table lookup per changing byte, computed
+    column by column (with ``map``, or with torch operations for runs of 24 events or more).
+    A log then costs the training thread an append to a list.
     """
 
-    __slots__ = ("heads", "summary_prefix", "tables", "template_crc")
+    __slots__ = ("_torch_tables", "changing_format", "columns", "crc_offset", "fields", "record_template", "size",
+                 "tables", "template_crc")
 
     def __init__(self, heads: list[bytes], step_width: int) -> None:
-        self.heads = heads
         summary_length = sum(len(head) + 4 for head in heads)
-        self.summary_prefix = b"\x2a" + _varint(summary_length)
+        summary_prefix = b"\x2a" + _varint(summary_length)
         # The event with every changing byte zero, and where those bytes are.
         step_part = b"\x10" + bytes(step_width) if step_width else b""
-        template = b"\x09" + bytes(8) + step_part + self.summary_prefix + b"".join(head + bytes(4) for head in heads)
-        positions = list(range(1, 9)) + list(range(10, 10 + step_width))
-        offset = 9 + len(step_part) + len(self.summary_prefix)
+        template = b"\x09" + bytes(8) + step_part + summary_prefix + b"".join(head + bytes(4) for head in heads)
+        # The changing bytes of one event, as packed: the values, the step, the wall time.
+        positions: list[int] = []
+        offset = 9 + len(step_part) + len(summary_prefix)
         for head in heads:
             offset += len(head)
             positions += range(offset, offset + 4)
             offset += 4
+        positions += [*range(10, 10 + step_width), *range(1, 9)]
         tables = _distance_tables(len(template))
+        #: Per changing byte: its table of CRC contributions.
         self.tables = [tables[len(template) - 1 - position] for position in positions]
         self.template_crc = crc32c(template)
+        #: ``struct`` format of one event's changing bytes, and their count.
+        self.changing_format = f"{len(heads)}f{step_width}sd"
+        self.size = len(positions)
+        #: Items one event adds to a run: its values, its step bytes, its wall time.
+        self.fields = len(heads) + 2
+        header = _record_header(len(template))
+        self.record_template = header + template + bytes(4)
+        self.columns = [len(header) + position for position in positions]
+        self.crc_offset = len(header) + len(template)
+        self._torch_tables: Any = None
+
+    def encode(self, run: list[Any]) -> bytearray:
+        """The records of a run: ``run`` holds each event's values, step bytes and wall time, in a row."""
+        count = len(run) // self.fields
+        packer = _run_packer(self.changing_format, count)
+        try:
+            changing = packer.pack(*run)
+        except OverflowError:
+            run = [value if type(value) is bytes else _float32(value) for value in run]
+            changing = packer.pack(*run)
+        size, stride = self.size, len(self.record_template)
+        records = bytearray(self.record_template * count)
+        for index, column in enumerate(self.columns):
+            records[column::stride] = changing[index::size]
+        packed = self._masked_crcs_tensor(changing, count) if count >= _TENSOR_RUN else \
+            self._masked_crcs(changing, count)
+        for byte in range(4):
+            records[self.crc_offset + byte::stride] = packed[byte::4]
+        return records
+
+    def _masked_crcs(self, changing: bytes, count: int) -> bytes:
+        # Column by column: each map runs over the whole run in C.
+        size = self.size
+        crcs = [self.template_crc] * count
+        for index, table in enumerate(self.tables):
+            crcs = list(map(operator.xor, crcs, map(table.__getitem__, changing[index::size])))
+        # The TFRecord mask: (crc >> 15 | crc << 17) + 0xA282EAD8, on 32 bits.
+        rotated = map(operator.or_, map(operator.rshift, crcs, itertools.repeat(15)),
+                      map(operator.lshift, crcs, itertools.repeat(17)))
+        masked = map(operator.and_, map(operator.add, rotated, itertools.repeat(0xA282EAD8)),
+                     itertools.repeat(0xFFFFFFFF))
+        return struct.pack(f"<{count}I", *masked)
+
+    def _masked_crcs_tensor(self, changing: bytes, count: int) -> bytes:
+        # The same with torch (a dependency of epochal-core): a few dozen whole-run operations
+        # instead of two Python-level calls per changing byte, and the GIL released while they run.
+        import torch
+
+        tables = self._torch_tables
+        if tables is None:
+            flat = torch.tensor(self.tables, dtype=torch.int64).reshape(-1)
+            offsets = torch.arange(self.size, dtype=torch.int64) * 256
+            tables = self._torch_tables = (flat, offsets)
+        flat, offsets = tables
+        data = torch.frombuffer(bytearray(changing), dtype=torch.uint8).view(count, self.size)
+        parts = flat[data.long() + offsets]  # [count, size]: each changing byte's contribution
+        while parts.shape[1] > 1:  # XOR-reduce the columns, halving
+            half = parts.shape[1] // 2
+            folded = parts[:, :half] ^ parts[:, half:2 * half]
+            if parts.shape[1] % 2:
+                folded[:, 0] ^= parts[:, -1]
+            parts = folded
+        crc = parts[:, 0] ^ self.template_crc
+        masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+        # Little-endian int64s: the low 4 bytes of each are the 32-bit value.
+        return bytes(masked.view(torch.uint8).view(count, 8)[:, :4].reshape(-1).tolist())
+
+
+@functools.lru_cache(maxsize=256)
+def _run_packer(event_format: str, count: int) -> struct.Struct:
+    # Run lengths repeat (a batch interval's worth of logs): each format is compiled once.
+    return struct.Struct("<" + event_format * count)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -158,9 +239,9 @@ def _record_header(length: int) -> bytes:
     return header + _masked_crc(header)
 
 
-def _record(data: bytes, crc: int | None = None) -> bytes:
-    """One TFRecord: length, its masked CRC, the data, the data's masked CRC (``crc``: known already)."""
-    return _record_header(len(data)) + data + _mask(crc32c(data) if crc is None else crc)
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
+    return _record_header(len(data)) + data + _masked_crc(data)
 
 
 # -- protocol-buffer encoding of the few messages written (field numbers from TensorFlow's protos) ---
@@ -179,8 +260,13 @@ def _delimited(key: int, payload: bytes) -> bytes:
     return bytes((key,)) + _varint(len(payload)) + payload
 
 
-#: Buffered bytes that trigger a write on their own (a writer used outside a training run).
-_BUFFER_LIMIT = 1 << 20
+#: Runs at least this long get their CRCs from torch operations over the whole run.
+_TENSOR_RUN = 24
+#: Pending events that trigger a write-out on their own, whatever the interval.
+_PENDING_LIMIT = 8192
+#: Default seconds between two background write-outs of an EventFileWriter (a live TensorBoard
+#: sees a log within this time).
+FLUSH_INTERVAL = 0.2
 _DOUBLE = struct.Struct("<d").pack
 _FLOAT32_MAX = 3.4028234663852886e38
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
@@ -195,7 +281,10 @@ _STATUS_SUCCESS, _STATUS_FAILURE = 1, 2  # tensorboard.hparams.Status
 def _float32(value: float) -> float:
     # Event files store float32: a value beyond its range is shown as infinite (what protobuf
     # does), instead of struct's OverflowError disabling the integration when a loss diverges.
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond even a double's range
+        return math.inf if value > 0 else -math.inf
     return value if abs(value) <= _FLOAT32_MAX or value != value else math.copysign(math.inf, value)
 
 
@@ -266,11 +355,13 @@ class EventFileWriter:
 
     Its ``add_scalar``/``add_text``/``flush``/``close`` take the arguments of
     ``SummaryWriter``'s methods of the same names, so code written against
-    ``callback.tb_writer`` keeps working for those. Events are buffered in the
-    process until :meth:`write_out` (which the callback calls after each batch of
-    logs epochal's reporter runs, at most 0.2 s apart while logs arrive), until
-    :meth:`flush` (which also ``fsync``-s: at checkpoints) or :meth:`close`, or
-    until 1 MiB is pending. Safe to use from several threads.
+    ``callback.tb_writer`` keeps working for those. An event is kept in the
+    process (a scalar event as its values, to be encoded with its run) until a
+    write-out: by a background thread every ``flush_interval`` seconds while
+    events are pending, by :meth:`write_out`, :meth:`flush` (which also
+    ``fsync``-s: at checkpoints) or :meth:`close`, or when 8192 events are
+    pending. Safe to use from several threads. An error of a background
+    write-out (a full disk) is raised by the next call.
 
     Args:
         logdir: Directory of the event file (created if missing).
@@ -278,13 +369,21 @@ class EventFileWriter:
             step at or above it that were written before this file (what a
             crashed run wrote after the checkpoint now resumed).
         filename_suffix: Appended to the file name.
+        flush_interval: Seconds between background write-outs; ``None`` writes
+            only on :meth:`write_out`, :meth:`flush`, :meth:`close` or 8192 events.
 
     Raises:
         OSError: When the directory or the file cannot be created.
+        ValueError: For a ``flush_interval`` that is not a positive number or ``None``.
     """
 
     def __init__(self, logdir: str | os.PathLike[str], *, purge_step: int | None = None,
-                 filename_suffix: str = "") -> None:
+                 filename_suffix: str = "", flush_interval: float | None = FLUSH_INTERVAL) -> None:
+        if flush_interval is not None and not flush_interval > 0:
+            raise ValueError(
+                f"EventFileWriter(flush_interval={flush_interval!r}): use a number of seconds > 0, "
+                "or None to write only on write_out/flush/close."
+            )
         self.logdir = os.fspath(logdir)
         os.makedirs(self.logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}{filename_suffix}"
@@ -292,8 +391,19 @@ class EventFileWriter:
         self.path = os.path.join(self.logdir, name)
         # O_EXCL: never truncate another writer's file.
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        # _lock guards the pending events (held for an append); _io_lock keeps encoding and
+        # writing in file order (held by a write-out, so an append never waits for the disk).
         self._lock = threading.Lock()
+        self._io_lock = threading.RLock()
         self._buffer = bytearray()
+        # Events not yet encoded, in order: runs of (layout, [values, step, wall, ...]) for scalars,
+        # (None, [record, ...]) for records already encoded.
+        self._runs: list[tuple[_ScalarLayout | None, list[Any]]] = []
+        self._pending = 0
+        self._flush_interval = flush_interval
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
         self._scalar_heads: dict[str, bytes] = {}
         self._layouts: dict[tuple[tuple[str, ...], int], _ScalarLayout] = {}
         now = time.time()
@@ -307,28 +417,62 @@ class EventFileWriter:
         """Whether :meth:`close` was called."""
         return self._fd is None
 
-    def _write(self, event: bytes, crc: int | None = None) -> None:
-        record = _record(event, crc)
+    def _write(self, event: bytes) -> None:
+        record = _record(event)
         with self._lock:
-            if self._fd is None:
-                raise ValueError(f"EventFileWriter: {self.path} is closed; nothing more can be written to it.")
-            self._buffer += record
-            if len(self._buffer) < _BUFFER_LIMIT:
-                return
-            self._write_out()
+            self._check_open()
+            runs = self._runs
+            if runs and runs[-1][0] is None:
+                runs[-1][1].append(record)
+            else:
+                runs.append((None, [record]))
+            due = self._added()
+        if due:
+            self.write_out()
 
-    def _write_out(self) -> None:
-        # Caller holds the lock. A failed write keeps what was not written, to retry later.
-        assert self._fd is not None
-        while self._buffer:
-            written = os.write(self._fd, self._buffer)
-            del self._buffer[:written]
+    def _check_open(self) -> None:
+        # Caller holds _lock.
+        if self._error is not None:
+            raise self._error  # the background write-out failed: the caller reports it
+        if self._fd is None:
+            raise ValueError(f"EventFileWriter: {self.path} is closed; nothing more can be written to it.")
+
+    def _added(self) -> bool:
+        # Caller holds _lock: one more pending event; starts the flusher; True when a write-out is due now.
+        self._pending += 1
+        if self._flusher is None and self._flush_interval is not None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="epochal-tensorboard-flush", daemon=True)
+            self._flusher.start()
+        return self._pending >= _PENDING_LIMIT
+
+    def _flush_loop(self) -> None:
+        assert self._flush_interval is not None
+        while not self._stop.wait(self._flush_interval):
+            if self._pending:
+                try:
+                    self.write_out()
+                except Exception as err:  # reported by the next call on the training thread
+                    with self._lock:
+                        self._error = err
+                    return
 
     def write_out(self) -> None:
-        """Hand the buffered events to the operating system (one ``write``; readers see them at once)."""
-        with self._lock:
-            if self._fd is not None and self._buffer:
-                self._write_out()
+        """Encode the pending events and hand them to the operating system (one ``write``).
+
+        A background thread does this every ``flush_interval`` seconds while events are pending.
+        """
+        with self._io_lock:
+            with self._lock:
+                fd = self._fd
+                if fd is None:
+                    return
+                runs, self._runs, self._pending = self._runs, [], 0
+            for layout, run in runs:
+                self._buffer += b"".join(run) if layout is None else layout.encode(run)
+            # A failed write keeps what was not written, to retry at the next write-out.
+            while self._buffer:
+                written = os.write(fd, self._buffer)
+                del self._buffer[:written]
 
     def _scalar_head(self, tag: str) -> bytes:
         # Summary.Value{tag, simple_value}: everything but the 4 value bytes, once per tag.
@@ -342,7 +486,13 @@ class EventFileWriter:
                       walltime: float | None = None) -> None:
         """Write every ``tag: value`` as one event at ``global_step`` (what one log becomes)."""
         step = global_step or 0
-        step_bytes = _varint(step) if step else b""
+        # The step's varint, inline for the common widths (this runs for every log).
+        if 0 <= step < 0x80:
+            step_bytes = bytes((step,)) if step else b""
+        elif 0 < step < 0x4000:
+            step_bytes = bytes(((step & 0x7F) | 0x80, step >> 7))
+        else:
+            step_bytes = _varint(step)
         key = (tuple(values), len(step_bytes))
         layout = self._layouts.get(key)
         if layout is None:
@@ -353,16 +503,21 @@ class EventFileWriter:
                 self._write(_event(step, walltime or time.time(), _delimited(0x2A, summary)))
                 return
             layout = self._layouts[key] = _ScalarLayout(heads, len(step_bytes))
-        wall = _DOUBLE(walltime or time.time())
-        packed = _pack_floats(list(values.values()), len(values))
-        # The changing bytes, in the order they appear in the event.
-        register = layout.template_crc
-        for table, byte in zip(layout.tables, wall + step_bytes + packed):
-            register ^= table[byte]
-        parts = [b"\x09", wall, b"\x10" + step_bytes if step else b"", layout.summary_prefix]
-        for i, head in enumerate(layout.heads):
-            parts += (head, packed[4 * i:4 * i + 4])
-        self._write(b"".join(parts), register)
+        with self._lock:
+            self._check_open()
+            runs = self._runs
+            if runs and runs[-1][0] is layout:
+                run = runs[-1][1]
+            else:
+                run = []
+                runs.append((layout, run))
+            # Encoded with the rest of its run at the next write-out (see _ScalarLayout).
+            run.extend(values.values())
+            run.append(step_bytes)
+            run.append(walltime or time.time())
+            due = self._added()
+        if due:
+            self.write_out()
 
     def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None,
                    walltime: float | None = None) -> None:
@@ -386,25 +541,48 @@ class EventFileWriter:
         self._write(_event(global_step or 0, now, _delimited(0x2A, _session_end(status, now))))
 
     def flush(self) -> None:
-        """Write out the buffered events and make everything written so far durable (``fsync``)."""
+        """Write out the pending events and make everything written so far durable (``fsync``)."""
         with self._lock:
+            self._check_open()
+        with self._io_lock:
+            self.write_out()
             if self._fd is not None:
-                self._write_out()
                 os.fsync(self._fd)
 
     def close(self) -> None:
-        """Write out, ``fsync`` and close the file; later writes raise ``ValueError``. Closing twice does nothing."""
-        with self._lock:
+        """Write out, ``fsync`` and close the file; later writes raise ``ValueError``. Closing twice does nothing.
+
+        Raises the error of a failed background write-out, if one happened (the file is closed anyway).
+        """
+        self._stop.set()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
+        with self._io_lock:
             fd = self._fd
             if fd is None:
                 return
             try:
-                self._write_out()
+                if self._error is not None:
+                    raise self._error
+                self.write_out()
                 os.fsync(fd)
             finally:
-                self._fd = None
+                with self._lock:
+                    self._fd = None
+                    self._runs.clear()
                 self._buffer.clear()
                 os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_walltime(writer_class: type[Any], method: str) -> bool:
+    # SummaryWriter's methods take ``walltime``; a minimal writer passed as tb_writer may not.
+    try:
+        parameters = inspect.signature(getattr(writer_class, method)).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(p.name == "walltime" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 # -- the callback --------------------------------------------------------------------------------------
@@ -417,10 +595,12 @@ class TensorBoardCallback(IntegrationCallback):
     ``model_config``, and the flattened hyperparameters for TensorBoard's HParams
     view. Every log becomes one event holding its scalars at ``global_step``,
     after the ``train/``/``eval/``/``test/`` rewriting; strings become text;
-    other values are dropped with one warning per key. Events reach the file
-    after each batch of logs epochal's reporter runs (at most 0.2 s after they
-    were logged) and are ``fsync``-ed at every checkpoint and at the end; the
-    run's end status (success or failure) goes to the HParams view.
+    other values are dropped with one warning per key. With the built-in writer
+    the events run on the training thread, where a log costs an append to a
+    list; the writer's own thread encodes and writes them at most
+    :data:`FLUSH_INTERVAL` seconds later, and they are ``fsync``-ed at every
+    checkpoint and at the end. The run's end status (success or failure) goes to
+    the HParams view.
 
     The log directory is ``log_dir``, else ``$TENSORBOARD_LOGGING_DIR``, else
     ``args.logging_dir`` (``<output_dir>/runs``), with ``state.trial_name``
@@ -456,6 +636,10 @@ class TensorBoardCallback(IntegrationCallback):
         self.tb_writer = tb_writer
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self._own_writer = tb_writer is None
+        # The built-in writer's log is an append to a list (its flusher thread encodes and writes):
+        # cheaper on the training thread than a hand-off to the reporter's. A writer passed in
+        # may do more per call, so it runs on the reporter's thread.
+        self.run_inline = self._own_writer
 
     def resolve_log_dir(self, args: TrainingArguments, state: TrainerState) -> str:
         """Return the event-file directory: ``log_dir``, ``$TENSORBOARD_LOGGING_DIR``, then ``args.logging_dir``."""
@@ -492,23 +676,20 @@ class TensorBoardCallback(IntegrationCallback):
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Write every metric at ``step`` (one event with the built-in writer)."""
         writer = self._writer()
+        # Stamped with when the log happened, not when the reporter's thread got to it.
         if isinstance(writer, EventFileWriter):
-            writer.write_scalars(metrics, step)
+            writer.write_scalars(metrics, step, self.event_time)
         else:
+            stamp = {"walltime": self.event_time} if _takes_walltime(writer.__class__, "add_scalar") else {}
             for tag, value in metrics.items():
-                writer.add_scalar(tag, float(value), step)
+                writer.add_scalar(tag, float(value), step, **stamp)
 
     def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
         """``add_text`` each string at ``step`` (as transformers does)."""
         writer = self._writer()
+        stamp = {"walltime": self.event_time} if _takes_walltime(writer.__class__, "add_text") else {}
         for tag, text in texts.items():
-            writer.add_text(tag, text, step)
-
-    def end_batch(self) -> None:
-        """Write out the events of the batch of logs the reporter just ran (one ``write`` per batch)."""
-        writer = self.tb_writer
-        if isinstance(writer, EventFileWriter):
-            writer.write_out()
+            writer.add_text(tag, text, step, **stamp)
 
     def log_checkpoint(self, path: str, args: TrainingArguments, state: TrainerState) -> None:
         """``fsync`` at each checkpoint, so the events it covers are on disk (a resume purges what follows)."""
