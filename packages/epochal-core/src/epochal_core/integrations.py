@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: Most log keys (and tuples of keys) whose tracker names are cached per integration.
 _CACHE_LIMIT = 1024
+#: Value types sent as they are (no conversion, no warning).
+_NUMBER_TYPES = frozenset({float, int, bool})
 
 
 def rewrite_key(key: str) -> str:
@@ -252,11 +254,7 @@ class IntegrationCallback(TrainerCallback):
             if len(self._name_tuples) < _CACHE_LIMIT:
                 self._name_tuples[keys] = renamed
         values = logs.values()
-        for value in values:
-            kind = type(value)
-            if kind is not float and kind is not int and kind is not bool:
-                break
-        else:
+        if _NUMBER_TYPES.issuperset(map(type, values)):
             return dict(zip(renamed, values)), {}
         if takes_text is None:
             # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.

@@ -150,6 +150,8 @@ class Reporter:
             setattr(self, event, self._make_dispatcher(event))
 
     def _make_dispatcher(self, event: str) -> Any:
+        if self.inline and event not in SYNC_EVENTS:
+            return self._make_inline_dispatcher(event)
         sync = self.inline or event in SYNC_EVENTS
         # An integration's on_log body never sees the control object: no snapshot of it then.
         copy_control = not (event == "on_log" and self._log_handler is not None)
@@ -171,6 +173,22 @@ class Reporter:
                 self._check()
                 return None
             self._enqueue(event, args, state, _shallow_copy(control) if copy_control else control, kwargs)
+            return None
+
+        return dispatch
+
+    def _make_inline_dispatcher(self, event: str) -> Any:
+        # An inline integration's everyday events (its logs): nothing is ever queued for it, so
+        # there is nothing to drain; it runs now, so event_time stays None.
+        run, has_end_batch = self._run, self._has_end_batch
+
+        def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
+            if not self.disabled:
+                run(event, args, state, control, kwargs)
+                if has_end_batch and not self.disabled:
+                    self._end_batch(args, state, control)
+            if self._failure is not None:
+                self._check()
             return None
 
         return dispatch
