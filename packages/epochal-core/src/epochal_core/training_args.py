@@ -93,7 +93,10 @@ class TrainingArguments:
         nonfinite_policy: What to do when the loss or gradient norm is NaN/Inf, checked
             before the optimizer step: ``"skip"`` the update (default), ``"stop"``
             training, or ``"off"``. With ``fp16`` the loss scaler handles overflow
-            instead (it skips the step and lowers the scale).
+            instead (it skips the step and lowers the scale). On CUDA the check needs no
+            device sync with a fused optimizer (the default one is); with another
+            optimizer it reads two scalars per update, a sync per step: pass a fused
+            one, or use ``"off"``, where that matters.
         save_on_preemption: On SIGTERM/SIGINT, finish the step, save a checkpoint and stop.
         strict_integrations: Re-raise integration errors instead of disabling the
             integration. Default: the ``EPOCHAL_STRICT_INTEGRATIONS`` environment variable.
