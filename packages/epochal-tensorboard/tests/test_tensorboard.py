@@ -172,10 +172,22 @@ def test_reader_checks_the_crcs_it_reads(tmp_path: Path) -> None:
         reader.GetNext()
 
 
-def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
-    """Per-log CRCs come from per-shape templates: steps of every varint width, tag sets, a long event."""
+def read_scalar_events(path: str, count: int) -> list[tuple[int, float, dict[str, float]]]:
+    """The first ``count`` events after the file version, read record by record (a bad CRC raises)."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 
+    reader = PyRecordReader_New(path)
+    reader.GetNext()  # the file version
+    events = []
+    for _ in range(count):
+        reader.GetNext()  # raises DataLossError on a bad CRC
+        event = Event.FromString(reader.record())
+        events.append((event.step, event.wall_time, {v.tag: v.simple_value for v in event.summary.value}))
+    return events
+
+
+def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
+    """Per-log CRCs come from per-shape templates: steps of every varint width, tag sets, a long event."""
     writer = EventFileWriter(tmp_path)
     long_log = {f"eval/metric_number_{i:02d}": float(i) for i in range(20)}  # past the templated size
     written = []
@@ -184,14 +196,9 @@ def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
             writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + step)
             written.append((step, values))
     writer.close()
-    reader = PyRecordReader_New(writer.path)
-    reader.GetNext()  # the file version
-    for step, values in written:
-        reader.GetNext()  # raises DataLossError on a bad CRC
-        event = Event.FromString(reader.record())
-        assert event.step == step and event.wall_time == 1_700_000_000.0 + step
-        assert {v.tag: v.simple_value for v in event.summary.value} == pytest.approx(
-            {tag: float(value) for tag, value in values.items()})
+    for (step, values), (got_step, wall_time, got) in zip(written, read_scalar_events(writer.path, len(written))):
+        assert got_step == step and wall_time == 1_700_000_000.0 + step
+        assert got == pytest.approx({tag: float(value) for tag, value in values.items()})
 
 
 def test_values_beyond_float32_are_written_as_infinite(tmp_path: Path) -> None:
@@ -541,8 +548,6 @@ def test_a_run_imports_no_tensorboard_package(tmp_path: Path) -> None:
 @pytest.mark.parametrize("count", [1, 23, 24, 300])
 def test_runs_of_events_are_encoded_together_with_valid_crcs(tmp_path: Path, count: int) -> None:
     """A run of same-shape logs is encoded at once (pure Python below 24 events, torch from 24 on)."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-
     writer = EventFileWriter(tmp_path, flush_interval=None)
     written = []
     for i in range(count):
@@ -551,12 +556,7 @@ def test_runs_of_events_are_encoded_together_with_valid_crcs(tmp_path: Path, cou
         writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + i / 7)
         written.append((step, values))
     writer.close()
-    reader = PyRecordReader_New(writer.path)
-    reader.GetNext()  # the file version
-    for step, values in written:
-        reader.GetNext()  # raises DataLossError on a bad CRC
-        event = Event.FromString(reader.record())
-        assert event.step == step and event.wall_time == 1_700_000_000.0 + (step - 120) / 7
-        got = {v.tag: v.simple_value for v in event.summary.value}
+    for (step, values), (got_step, wall_time, got) in zip(written, read_scalar_events(writer.path, count)):
+        assert got_step == step and wall_time == 1_700_000_000.0 + (step - 120) / 7
         want = {tag: float(value) if abs(value) < 1e38 else math.inf for tag, value in values.items()}
         assert got == pytest.approx(want, rel=1e-6)

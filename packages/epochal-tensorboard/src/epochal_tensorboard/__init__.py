@@ -420,22 +420,26 @@ class EventFileWriter:
     def _write(self, event: bytes) -> None:
         record = _record(event)
         with self._lock:
-            self._check_open()
-            runs = self._runs
-            if runs and runs[-1][0] is None:
-                runs[-1][1].append(record)
-            else:
-                runs.append((None, [record]))
+            self._pending_run(None).append(record)
             due = self._added()
         if due:
             self.write_out()
 
-    def _check_open(self) -> None:
-        # Caller holds _lock.
+    def _check_error(self) -> None:
         if self._error is not None:
             raise self._error  # the background write-out failed: the caller reports it
+
+    def _pending_run(self, layout: _ScalarLayout | None) -> list[Any]:
+        # Caller holds _lock: the run a new event of this layout (None: an encoded record) joins.
+        self._check_error()
         if self._fd is None:
             raise ValueError(f"EventFileWriter: {self.path} is closed; nothing more can be written to it.")
+        runs = self._runs
+        if runs and runs[-1][0] is layout:
+            return runs[-1][1]
+        run: list[Any] = []
+        runs.append((layout, run))
+        return run
 
     def _added(self) -> bool:
         # Caller holds _lock: one more pending event; starts the flusher; True when a write-out is due now.
@@ -504,13 +508,7 @@ class EventFileWriter:
                 return
             layout = self._layouts[key] = _ScalarLayout(heads, len(step_bytes))
         with self._lock:
-            self._check_open()
-            runs = self._runs
-            if runs and runs[-1][0] is layout:
-                run = runs[-1][1]
-            else:
-                run = []
-                runs.append((layout, run))
+            run = self._pending_run(layout)
             # Encoded with the rest of its run at the next write-out (see _ScalarLayout).
             run.extend(values.values())
             run.append(step_bytes)
@@ -542,8 +540,7 @@ class EventFileWriter:
 
     def flush(self) -> None:
         """Write out the pending events and make everything written so far durable (``fsync``)."""
-        with self._lock:
-            self._check_open()
+        self._check_error()
         with self._io_lock:
             self.write_out()
             if self._fd is not None:
@@ -563,8 +560,7 @@ class EventFileWriter:
             if fd is None:
                 return
             try:
-                if self._error is not None:
-                    raise self._error
+                self._check_error()
                 self.write_out()
                 os.fsync(fd)
             finally:
