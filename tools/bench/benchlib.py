@@ -177,6 +177,11 @@ class LockstepClock(Clock):
         self.n = 0
         self.wait_total = 0.0
         self.intervals: list[float] = []
+        #: Mean step time of each turn's counted steps, in turn order: turn k of every variant in
+        #: a round ran in the same cycle, so the k-th entries of two variants are a close pair.
+        self.turns: list[float] = []
+        self._turn_acc = 0.0
+        self._turn_n = 0
         #: Called inside the last counted step of each turn: work a variant left to its own
         #: background threads (a reporter's queue) is done, and charged, within its turn.
         self.before_handover: Callable[[], None] | None = None
@@ -190,10 +195,15 @@ class LockstepClock(Clock):
             self.acc_cpu += c - self.last_c
             self.n += 1
             self.intervals.append(now - self.last)
+            self._turn_acc += now - self.last
+            self._turn_n += 1
         self.t_last = now
         if self.before_handover is not None and self.calls % self.baton.chunk == self.baton.chunk - 1:
             self.before_handover()
         if self.calls % self.baton.chunk == 0:
+            if self._turn_n:
+                self.turns.append(self._turn_acc / self._turn_n)
+            self._turn_acc, self._turn_n = 0.0, 0
             w0 = time.perf_counter()
             self.baton.yield_turn(self.name)
             self.wait_total += time.perf_counter() - w0
@@ -345,6 +355,8 @@ def _timed(train: Callable[[], Any], clock: Clock, steps: int) -> Result:
     res = Result(clock.steady_rate(), steps / (t1 - t0 - waited), clock.p50_rate() if clock.keep_all else 0.0,
                  clock.cpu_rate())
     res.extra["t_after_last_forward"] = t1 - clock.t_last
+    if isinstance(clock, LockstepClock):
+        res.extra["turns"] = clock.turns
     res.extra["out"] = out
     return res
 
@@ -640,6 +652,29 @@ def paired_ratios(results: dict[str, list[Result]], base: str, attr: str = "stea
     """Per-round ratio of each variant to ``base`` (same round: same machine conditions)."""
     b = [getattr(r, attr) for r in results[base]]
     return {name: [getattr(r, attr) / bv for r, bv in zip(rs, b)] for name, rs in results.items()}
+
+
+def turn_ratios(results: dict[str, list[Result]], base: str) -> dict[str, list[float]]:
+    """Per-turn ratio of each variant's steps/s to ``base``'s in the same cycle, pooled over rounds.
+
+    Needs lockstep results. A round of 2000 tiny steps in turns of 50 gives 38 pairs, each
+    taken within about a second of machine time, so bursts of other processes' load cancel
+    far better than in the per-round ratios; the median of several hundred pairs is the
+    figure to trust when effects are a few percent.
+    """
+    out: dict[str, list[float]] = {}
+    for name, rs in results.items():
+        pairs: list[float] = []
+        for res, base_res in zip(rs, results[base]):
+            pairs += [b / t for t, b in zip(res.extra["turns"], base_res.extra["turns"])]
+        out[name] = pairs
+    return out
+
+
+def fmt_spread(values: Sequence[float]) -> str:
+    """Median and interquartile range."""
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -39,6 +39,7 @@ from benchlib import (
     Variant,
     eprint,
     fmt_ratio,
+    fmt_spread,
     importable,
     interleave,
     make_data,
@@ -48,6 +49,7 @@ from benchlib import (
     run_transformers,
     silence_loggers,
     table,
+    turn_ratios,
 )
 
 
@@ -89,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, list[Result]] = interleave(variants, w, rounds, warmup=w.scaled(w.warm + 20, w.warm),
                                                   log=eprint, lockstep=ns.lockstep if lib == "epochal" else 0)
         ratios = {a: paired_ratios(res, "no logging", a) for a in ("steady", "cpu", "e2e")}
+        turns = turn_ratios(res, "no logging") if all("turns" in r.extra for rs in res.values() for r in rs) else {}
         for name, rs in res.items():
-            rows.append([lib, name, f"{median([r.steady for r in rs]):.1f}", fmt_ratio(ratios["steady"][name]),
+            rows.append([lib, name, f"{median([r.steady for r in rs]):.1f}",
+                         fmt_spread(turns[name]) if name in turns else "-", fmt_ratio(ratios["steady"][name]),
                          f"{median(ratios['cpu'][name]):.3f}", f"{median(ratios['e2e'][name]):.3f}",
                          f"{median([r.extra['t_after_last_forward'] for r in rs]) * 1e3:.0f}"])
     print(f"### Logging every step, tiny workload ({w.steps} steps, {rounds} rounds)\n")
-    print(table(rows, ["library", "variant", "steps/s", "wall ratio to no logging", "cpu ratio", "e2e ratio",
+    print(table(rows, ["library", "variant", "steps/s", "per-turn ratio, median [IQR]", "wall ratio to no logging",
+                       "cpu ratio", "e2e ratio",
                        "ms after last forward"]))
     return 0
 

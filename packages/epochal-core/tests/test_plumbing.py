@@ -223,3 +223,19 @@ def test_cli_lists_integrations_without_importing_them():
     assert any(line.split() == ["tensorboard", "epochal-tensorboard", epochal_core.__version__, "none", "needed"]
                for line in lines)
     assert any(line.startswith("wandb") and "not installed" in line for line in lines)
+
+
+def test_metric_names_are_the_tracker_names_of_a_log_of_numbers():
+    """An integration's fast path pairs these names with ``logs.values()``: same pairs as the split."""
+
+    class Tracker(IntegrationCallback):
+        name = "tracker"
+
+    tracker = Tracker()
+    logs = {"loss": 0.5, "grad_norm": 1, "eval_loss": 0.25, "total_flos": 2.0, "done": True}
+    names = tracker.metric_names(logs)
+    assert names == ("train/loss", "train/grad_norm", "eval/loss", "train/total_flos", "train/done")
+    assert dict(zip(names, logs.values())) == tracker._split_logs(logs)[0]
+    assert tracker.metric_names(dict(logs)) is names  # computed once per set of keys
+    assert tracker.metric_names({"loss": 0.5, "phase": "warmup"}) is None  # not all numbers
+    assert tracker.metric_names({"loss": 0.5, "weights": [1.0]}) is None

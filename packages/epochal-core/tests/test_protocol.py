@@ -228,6 +228,64 @@ def test_printer_does_not_mutate_logs(capsys):
     assert "0.1235" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("release", ["should_evaluate", "should_save", "should_training_stop", "on_prediction_step",
+                                     "on_train_end", "on_exception"])
+def test_printer_holds_fast_lines_until_slow_work_or_the_end(capsys, release):
+    """During training, logs closer than ``write_interval`` are printed together, in order, as logged;
+    held lines go out before an evaluation, a save, the stop, or at the end or on an error."""
+    state, control = TrainerState(), TrainerControl()
+    printer = PrinterCallback(write_interval=3600)
+    printer.on_log(None, state, control, logs={"loss": 1.0})  # outside training: each log at once
+    printer.on_log(None, state, control, logs={"loss": 2.0})
+    assert capsys.readouterr().out == "{'loss': 1.0}\n{'loss': 2.0}\n"
+    printer.on_train_begin(None, state, control)
+    logs = {"loss": 3.0}
+    printer.on_log(None, state, control, logs=logs)
+    logs["loss"] = 99.0  # another callback changing the dict later does not change the line
+    printer.on_step_end(None, state, control)
+    printer.on_log(None, state, control, logs={"loss": 4.0})
+    assert capsys.readouterr().out == ""  # held: the interval has not passed
+    if release.startswith("should_"):
+        setattr(control, release, True)
+        printer.on_log(None, state, control, logs={"loss": 5.0})
+    else:
+        getattr(printer, release)(None, state, control)
+    expected = ["{'loss': 3.0}", "{'loss': 4.0}"] + (["{'loss': 5.0}"] if release.startswith("should_") else [])
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_printer_writes_held_lines_once_the_interval_passes(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import epochal_core.progress as progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    state, control = TrainerState(), TrainerControl()
+    printer = PrinterCallback(write_interval=0.1)
+    printer.on_train_begin(None, state, control)
+    printer.on_log(None, state, control, logs={"loss": 1.0})  # nothing written yet: at once
+    now[0] += 0.05
+    printer.on_log(None, state, control, logs={"loss": 2.0})
+    printer.on_step_end(None, state, control)
+    assert capsys.readouterr().out == "{'loss': 1.0}\n"
+    now[0] += 0.06  # 0.11 s after the last write: the next step end writes the held line
+    printer.on_step_end(None, state, control)
+    assert capsys.readouterr().out == "{'loss': 2.0}\n"
+    unheld = PrinterCallback(write_interval=0)
+    unheld.on_train_begin(None, state, control)
+    for value in (1.0, 2.0):
+        unheld.on_log(None, state, control, logs={"loss": value})
+        assert capsys.readouterr().out == f"{{'loss': {value}}}\n"
+
+
+@pytest.mark.parametrize("callback", [PrinterCallback, ProgressCallback])
+@pytest.mark.parametrize("interval", [-1.0, float("nan")])
+def test_console_callbacks_reject_a_bad_write_interval(callback, interval):
+    with pytest.raises(ValueError, match=r"write_interval=(-1\.0|nan): must be a number of seconds >= 0"):
+        callback(write_interval=interval)
+
+
 def test_printed_log_line_is_the_formatted_dict():
     """The printer's fast path prints exactly ``str(format_logs(logs))``: .4g floats, cut strings, no total_flos."""
     import random

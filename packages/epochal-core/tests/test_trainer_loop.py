@@ -272,11 +272,12 @@ def test_schedules_match_transformers_formulas(name):
         assert lrs == pytest.approx([*warm, *[0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]])
 
 
-def test_progress_bar_prints_every_log_line_once_and_in_order(tmp_path, capsys):
-    """Fast logs are written above the bar in groups (one redraw per group), none lost or reordered."""
+@pytest.mark.parametrize("disable_tqdm", [False, True], ids=["progress-bar", "printer"])
+def test_console_prints_every_log_line_once_and_in_order(tmp_path, capsys, disable_tqdm):
+    """Fast logs are written in groups (above the bar: one redraw per group), none lost or reordered."""
     from epochal_core.progress import format_logs_line
 
-    args = make_args(tmp_path, max_steps=40, logging_steps=1, disable_tqdm=False, eval_strategy="steps",
+    args = make_args(tmp_path, max_steps=40, logging_steps=1, disable_tqdm=disable_tqdm, eval_strategy="steps",
                      eval_steps=20)
     trainer = Trainer(TinyRegressor(), args, train_dataset=DictDataset(), eval_dataset=DictDataset(n=8))
     trainer.train()

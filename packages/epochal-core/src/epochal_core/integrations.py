@@ -242,20 +242,10 @@ class IntegrationCallback(TrainerCallback):
     ) -> tuple[dict[str, float | int], dict[str, str]]:
         # One pass per log, with each key's rewritten name computed once per run: this runs
         # for every log of every integration.
-        names = self.__dict__.get("_names")
-        if names is None:  # a subclass that skipped IntegrationCallback.__init__
-            names = self._names = {}
-            self._name_tuples = {}
-        # The common case, every value a number: the names of this set of keys are cached together.
-        keys = tuple(logs)
-        renamed = self._name_tuples.get(keys)
-        if renamed is None:
-            renamed = tuple(names.get(key) or self._rename(key) for key in keys)
-            if len(self._name_tuples) < _CACHE_LIMIT:
-                self._name_tuples[keys] = renamed
-        values = logs.values()
-        if _NUMBER_TYPES.issuperset(map(type, values)):
-            return dict(zip(renamed, values)), {}
+        renamed = self.metric_names(logs)
+        if renamed is not None:
+            return dict(zip(renamed, logs.values())), {}
+        names = self._names
         if takes_text is None:
             # Strings go to log_texts when the subclass implements it, else they are dropped like any non-scalar.
             takes_text = type(self).log_texts is not IntegrationCallback.log_texts
@@ -274,6 +264,26 @@ class IntegrationCallback(TrainerCallback):
                 if dropped:
                     self._warn_dropped(name, value)
         return metrics, texts
+
+    def metric_names(self, logs: Mapping[str, Any]) -> tuple[str, ...] | None:
+        """The tracker's names for the keys of ``logs``, in order, when every value is a number; else ``None``.
+
+        Every training log is all numbers, so an integration's own fast path can pair
+        these names with ``logs.values()`` instead of building the dict that
+        :meth:`log_metrics` takes. The names of each set of keys are computed once.
+        """
+        name_tuples = self.__dict__.get("_name_tuples")
+        if name_tuples is None:  # a subclass that skipped IntegrationCallback.__init__
+            self._names = {}
+            name_tuples = self._name_tuples = {}
+        keys = tuple(logs)
+        renamed = name_tuples.get(keys)
+        if renamed is None:
+            names = self._names
+            renamed = tuple(names.get(key) or self._rename(key) for key in keys)
+            if len(name_tuples) < _CACHE_LIMIT:
+                name_tuples[keys] = renamed
+        return renamed if _NUMBER_TYPES.issuperset(map(type, logs.values())) else None
 
     def _rename(self, key: str) -> str:
         name = rewrite_key(key) if self.rewrite_keys else key

@@ -101,17 +101,61 @@ def format_logs_line(logs: Mapping[str, Any], max_str_len: int = 100) -> str:
     return "{" + ", ".join(items) + "}"
 
 
-class ProgressCallback(TrainerCallback):
+class _HeldLines:
+    """Log lines held back and written together, at most ``write_interval`` seconds apart.
+
+    Formatting a line inside a training step costs about three times what it costs in a run of
+    lines: by the next log, the step has pushed its code and data out of the CPU caches. So each
+    log is copied as it comes (``dict(logs)``: later changes by other callbacks do not show) and
+    the lines are built in one go when written. Every log is printed exactly once and in order.
+    """
+
+    max_str_len: int
+    write_interval: float
+    _held: list[dict[str, Any]]
+    _last_write: float
+
+    def _hold_lines(self, max_str_len: int, write_interval: float) -> None:
+        if not write_interval >= 0:  # also catches nan
+            raise ValueError(f"write_interval={write_interval!r}: must be a number of seconds >= 0 "
+                             "(0 writes each log as it comes).")
+        self.max_str_len = max_str_len
+        self.write_interval = write_interval
+        self._held = []
+        self._last_write = -math.inf
+
+    def _lines_due(self) -> bool:
+        return bool(self._held) and time.monotonic() - self._last_write >= self.write_interval
+
+    def _take_lines(self) -> str | None:
+        # The held lines as one text (None: none held); restarts the interval.
+        self._last_write = time.monotonic()
+        if not self._held:
+            return None
+        max_str_len = self.max_str_len
+        text = "\n".join([format_logs_line(logs, max_str_len) for logs in self._held])
+        self._held.clear()
+        return text
+
+
+def _slow_work_follows(control: TrainerControl) -> bool:
+    # After this log the trainer evaluates, saves or stops: waiting lines go out before that.
+    return control.should_evaluate or control.should_save or control.should_training_stop
+
+
+class ProgressCallback(TrainerCallback, _HeldLines):
     """Shows a tqdm bar for training and for each evaluation, on world rank zero.
 
     Logs are written above the bar, formatted by :func:`format_logs`. The bar is
     refreshed at most ``mininterval`` seconds apart (tqdm's own throttle), so a
     fast loop does not pay for terminal writes. Log lines are throttled the same
-    way: writing above a bar clears and redraws it (about 50 us each time), so
-    lines that come less than ``write_interval`` seconds after the last write
-    wait and go out together, in order, at the next log or step past the
-    interval, before an evaluation bar opens, and at the end. Every line is
-    printed exactly once; a log every step no longer costs a redraw per step.
+    way: writing above a bar clears and redraws it (about 50 us each time), and
+    formatting lines one at a time between steps costs several times more than in
+    a run, so lines that come less than ``write_interval`` seconds after the last
+    write wait and go out together, in order, at the next log or step past the
+    interval, before an evaluation, a save or the end of training, and at the end.
+    Every line is printed exactly once; a log every step no longer costs a redraw
+    per step. ``write_interval=0`` writes each log as it comes.
 
     Args:
         max_str_len: Longest string value printed as is.
@@ -121,17 +165,13 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, max_str_len: int = 100, write_interval: float = 0.1) -> None:
         self.training_bar: Tqdm | None = None
         self.prediction_bar: Tqdm | None = None
-        self.max_str_len = max_str_len
-        self.write_interval = write_interval
+        self._hold_lines(max_str_len, write_interval)
         self.current_step = 0
-        self._pending: list[str] = []
-        self._last_write = -math.inf
 
     def _write_pending(self) -> None:
-        if self._pending and self.training_bar is not None:
-            self.training_bar.write("\n".join(self._pending))
-        self._pending.clear()
-        self._last_write = time.monotonic()
+        text = self._take_lines()
+        if text is not None and self.training_bar is not None:
+            self.training_bar.write(text)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -148,7 +188,7 @@ class ProgressCallback(TrainerCallback):
         if self.training_bar is not None:
             self.training_bar.update(state.global_step - self.current_step)
             self.current_step = state.global_step
-            if self._pending and time.monotonic() - self._last_write >= self.write_interval:
+            if self._lines_due():
                 self._write_pending()
 
     def on_prediction_step(
@@ -194,8 +234,8 @@ class ProgressCallback(TrainerCallback):
     ) -> Any:
         """Write the logs above the training bar (lines less than ``write_interval`` apart go out together)."""
         if self.training_bar is not None and logs is not None:
-            self._pending.append(format_logs_line(logs, self.max_str_len))
-            if time.monotonic() - self._last_write >= self.write_interval:
+            self._held.append(dict(logs))
+            if self._lines_due() or _slow_work_follows(control):
                 self._write_pending()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
@@ -208,16 +248,60 @@ class ProgressCallback(TrainerCallback):
     on_exception = on_train_end
 
 
-class PrinterCallback(TrainerCallback):
+class PrinterCallback(TrainerCallback, _HeldLines):
     """Prints each log on local rank zero; used instead of the bar when ``disable_tqdm`` is set.
 
-    Unlike transformers' it never mutates the shared ``logs`` dict.
+    Unlike transformers' it never mutates the shared ``logs`` dict. During training,
+    logs less than ``write_interval`` seconds apart are printed together (formatting a
+    line between two steps costs several times more than in a run of lines): a line
+    waits at most until the next step or log past the interval, and always goes out
+    before an evaluation, a save, the end of training or an error. Outside training
+    (``evaluate()`` alone) and with ``write_interval=0`` each log is printed as it
+    comes. Every log is printed exactly once, in order.
+
+    Args:
+        max_str_len: Longest string value printed as is.
+        write_interval: Seconds between two writes of log lines during training.
     """
+
+    def __init__(self, max_str_len: int = 100, write_interval: float = 0.1) -> None:
+        self._hold_lines(max_str_len, write_interval)
+        self._training = False
+
+    def _write_pending(self) -> None:
+        text = self._take_lines()
+        if text is not None:
+            sys.stdout.write(text + "\n")  # one write for the whole run of lines
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> Any:
+        """Start holding back lines that come faster than ``write_interval``."""
+        self._training = True
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Print the lines that waited past the interval."""
+        if self._held and self._lines_due():
+            self._write_pending()
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           **kwargs: Any) -> Any:
+        """Print waiting lines before an evaluation runs."""
+        if self._held:
+            self._write_pending()
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
     ) -> Any:
-        """Print the logs."""
+        """Print the logs (during training, lines less than ``write_interval`` apart go out together)."""
         if state.is_local_process_zero and logs is not None:
-            # One write instead of print's two.
-            sys.stdout.write(format_logs_line(logs) + "\n")
+            self._held.append(dict(logs))
+            if not self._training or self._lines_due() or _slow_work_follows(control):
+                self._write_pending()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Print the waiting lines."""
+        self._training = False
+        self._write_pending()
+
+    on_exception = on_train_end

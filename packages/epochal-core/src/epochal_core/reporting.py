@@ -181,6 +181,20 @@ class Reporter:
         # An inline integration's everyday events (its logs): nothing is ever queued for it, so
         # there is nothing to drain; it runs now, so event_time stays None.
         run, has_end_batch = self._run, self._has_end_batch
+        log = self._log_handler if event == "on_log" and not has_end_batch else None
+        if log is not None:
+            # A log, the event that comes every step: the on_log body is called directly.
+            def dispatch_log(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
+                if not self.disabled:
+                    try:
+                        log(args, state, kwargs.get("logs"), kwargs)
+                    except Exception as err:
+                        self._fail(event, err, args, state, control, kwargs)
+                if self._failure is not None:
+                    self._check()
+                return None
+
+            return dispatch_log
 
         def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
             if not self.disabled:
@@ -288,15 +302,19 @@ class Reporter:
             else:
                 getattr(self.callback, event)(args, state, control, **kwargs)
         except Exception as err:
-            self.disabled = True
-            self._failure = IntegrationFailure(self.name, event, err, traceback.format_exc())
-            # A disabled integration gets no more events, so give it its crash event now:
-            # it closes its run as failed instead of leaving it open until exit.
-            if event != "on_exception" and "on_exception" in self.__epochal_events__:
-                try:
-                    self.callback.on_exception(args, state, control, **{**kwargs, "exception": err})
-                except Exception:
-                    logger.debug("Integration %r also failed to close after its error.", self.name, exc_info=True)
+            self._fail(event, err, args, state, control, kwargs)
+
+    def _fail(self, event: str, err: Exception, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        # The integration raised ``err`` in ``event``: disable it, record the failure, let it close its run.
+        self.disabled = True
+        self._failure = IntegrationFailure(self.name, event, err, traceback.format_exc())
+        # A disabled integration gets no more events, so give it its crash event now:
+        # it closes its run as failed instead of leaving it open until exit.
+        if event != "on_exception" and "on_exception" in self.__epochal_events__:
+            try:
+                self.callback.on_exception(args, state, control, **{**kwargs, "exception": err})
+            except Exception:
+                logger.debug("Integration %r also failed to close after its error.", self.name, exc_info=True)
 
     def _check(self) -> None:
         failure = self._failure

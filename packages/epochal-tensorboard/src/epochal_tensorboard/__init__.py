@@ -44,7 +44,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from epochal_core.integrations import IntegrationCallback, flatten_params, model_config
@@ -391,15 +392,13 @@ class EventFileWriter:
         self.path = os.path.join(self.logdir, name)
         # O_EXCL: never truncate another writer's file.
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        # _lock guards the pending events (held for an append); _io_lock keeps encoding and
-        # writing in file order (held by a write-out, so an append never waits for the disk).
-        self._lock = threading.Lock()
+        # _io_lock keeps encoding and writing in file order (held by a write-out, never by an append).
         self._io_lock = threading.RLock()
         self._buffer = bytearray()
-        # Events not yet encoded, in order: runs of (layout, [values, step, wall, ...]) for scalars,
-        # (None, [record, ...]) for records already encoded.
-        self._runs: list[tuple[_ScalarLayout | None, list[Any]]] = []
-        self._pending = 0
+        # Events not yet encoded, in order: (layout, values, step bytes, wall time) for a scalar event,
+        # (None, record) for a record already encoded. deque.append is atomic, so adding an event
+        # takes no lock (a log pays for no lock code); a write-out pops what it finds.
+        self._events: deque[tuple[Any, ...]] = deque()
         self._flush_interval = flush_interval
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
@@ -418,46 +417,33 @@ class EventFileWriter:
         return self._fd is None
 
     def _write(self, event: bytes) -> None:
-        record = _record(event)
-        with self._lock:
-            self._pending_run(None).append(record)
-            due = self._added()
-        if due:
-            self.write_out()
+        self._add((None, _record(event)))
 
     def _check_error(self) -> None:
         if self._error is not None:
             raise self._error  # the background write-out failed: the caller reports it
 
-    def _pending_run(self, layout: _ScalarLayout | None) -> list[Any]:
-        # Caller holds _lock: the run a new event of this layout (None: an encoded record) joins.
+    def _add(self, item: tuple[Any, ...]) -> None:
+        # One pending event (see _events); starts the flusher; writes out when too many are pending.
         self._check_error()
         if self._fd is None:
             raise ValueError(f"EventFileWriter: {self.path} is closed; nothing more can be written to it.")
-        runs = self._runs
-        if runs and runs[-1][0] is layout:
-            return runs[-1][1]
-        run: list[Any] = []
-        runs.append((layout, run))
-        return run
-
-    def _added(self) -> bool:
-        # Caller holds _lock: one more pending event; starts the flusher; True when a write-out is due now.
-        self._pending += 1
+        events = self._events
+        events.append(item)
         if self._flusher is None and self._flush_interval is not None:
             self._flusher = threading.Thread(target=self._flush_loop, name="epochal-tensorboard-flush", daemon=True)
             self._flusher.start()
-        return self._pending >= _PENDING_LIMIT
+        if len(events) >= _PENDING_LIMIT:
+            self.write_out()
 
     def _flush_loop(self) -> None:
         assert self._flush_interval is not None
         while not self._stop.wait(self._flush_interval):
-            if self._pending:
+            if self._events:
                 try:
                     self.write_out()
                 except Exception as err:  # reported by the next call on the training thread
-                    with self._lock:
-                        self._error = err
+                    self._error = err
                     return
 
     def write_out(self) -> None:
@@ -466,17 +452,32 @@ class EventFileWriter:
         A background thread does this every ``flush_interval`` seconds while events are pending.
         """
         with self._io_lock:
-            with self._lock:
-                fd = self._fd
-                if fd is None:
-                    return
-                runs, self._runs, self._pending = self._runs, [], 0
-            for layout, run in runs:
-                self._buffer += b"".join(run) if layout is None else layout.encode(run)
+            fd = self._fd
+            if fd is None:
+                return
+            buffer, pop = self._buffer, self._events.popleft
+            # Consecutive scalar events of one layout are encoded together (see _ScalarLayout).
+            layout: _ScalarLayout | None = None
+            run: list[Any] = []
+            for _ in range(len(self._events)):  # what is pending now; later events wait for the next write-out
+                item = pop()
+                if item[0] is not layout:
+                    if run:
+                        buffer += layout.encode(run)  # type: ignore[union-attr]  # a run has a layout
+                        run = []
+                    layout = item[0]
+                if layout is None:
+                    buffer += item[1]
+                else:
+                    run.extend(item[1])
+                    run.append(item[2])
+                    run.append(item[3])
+            if run:
+                buffer += layout.encode(run)  # type: ignore[union-attr]
             # A failed write keeps what was not written, to retry at the next write-out.
-            while self._buffer:
-                written = os.write(fd, self._buffer)
-                del self._buffer[:written]
+            while buffer:
+                written = os.write(fd, buffer)
+                del buffer[:written]
 
     def _scalar_head(self, tag: str) -> bytes:
         # Summary.Value{tag, simple_value}: everything but the 4 value bytes, once per tag.
@@ -489,6 +490,11 @@ class EventFileWriter:
     def write_scalars(self, values: Mapping[str, float], global_step: int | None = None,
                       walltime: float | None = None) -> None:
         """Write every ``tag: value`` as one event at ``global_step`` (what one log becomes)."""
+        self._append_scalars(tuple(values), values.values(), global_step, walltime)
+
+    def _append_scalars(self, tags: tuple[str, ...], values: Iterable[float], global_step: int | None,
+                        walltime: float | None) -> None:
+        # write_scalars with the tags and the values apart (TensorBoardCallback's log builds no dict).
         step = global_step or 0
         # The step's varint, inline for the common widths (this runs for every log).
         if 0 <= step < 0x80:
@@ -497,25 +503,18 @@ class EventFileWriter:
             step_bytes = bytes(((step & 0x7F) | 0x80, step >> 7))
         else:
             step_bytes = _varint(step)
-        key = (tuple(values), len(step_bytes))
+        key = (tags, len(step_bytes))
         layout = self._layouts.get(key)
         if layout is None:
-            heads = [self._scalar_head(tag) for tag in values]
+            heads = [self._scalar_head(tag) for tag in tags]
             if 12 + len(step_bytes) + sum(len(head) + 4 for head in heads) > _MAX_TEMPLATED:
-                packed = _pack_floats(list(values.values()), len(heads))
+                packed = _pack_floats(list(values), len(heads))
                 summary = b"".join([head + packed[4 * i:4 * i + 4] for i, head in enumerate(heads)])
                 self._write(_event(step, walltime or time.time(), _delimited(0x2A, summary)))
                 return
             layout = self._layouts[key] = _ScalarLayout(heads, len(step_bytes))
-        with self._lock:
-            run = self._pending_run(layout)
-            # Encoded with the rest of its run at the next write-out (see _ScalarLayout).
-            run.extend(values.values())
-            run.append(step_bytes)
-            run.append(walltime or time.time())
-            due = self._added()
-        if due:
-            self.write_out()
+        # Encoded with the rest of its run at a write-out (see _ScalarLayout).
+        self._add((layout, tuple(values), step_bytes, walltime or time.time()))
 
     def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None,
                    walltime: float | None = None) -> None:
@@ -564,9 +563,8 @@ class EventFileWriter:
                 self.write_out()
                 os.fsync(fd)
             finally:
-                with self._lock:
-                    self._fd = None
-                    self._runs.clear()
+                self._fd = None
+                self._events.clear()
                 self._buffer.clear()
                 os.close(fd)
 
@@ -636,6 +634,7 @@ class TensorBoardCallback(IntegrationCallback):
         # cheaper on the training thread than a hand-off to the reporter's. A writer passed in
         # may do more per call, so it runs on the reporter's thread.
         self.run_inline = self._own_writer
+        self._any_log: Any = None  # IntegrationCallback's handler for any log (set with the fast path)
 
     def resolve_log_dir(self, args: TrainingArguments, state: TrainerState) -> str:
         """Return the event-file directory: ``log_dir``, ``$TENSORBOARD_LOGGING_DIR``, then ``args.logging_dir``."""
@@ -668,6 +667,27 @@ class TensorBoardCallback(IntegrationCallback):
         if isinstance(writer, EventFileWriter):
             writer.add_hparams_start(flatten_params(self.hyperparameters(args, model)), step)
         writer.flush()
+
+    def queued_log_handler(self) -> Any:
+        """The built-in writer's logs of numbers skip building the dict :meth:`log_metrics` takes."""
+        handler = super().queued_log_handler()
+        if handler is None or not self._own_writer or type(self).log_metrics is not TensorBoardCallback.log_metrics:
+            return handler
+        self._any_log = handler
+        return self._log_numbers
+
+    def _log_numbers(self, args: TrainingArguments, state: TrainerState, logs: Any, kwargs: dict[str, Any]) -> None:
+        # A log of numbers straight to the built-in writer: its tags and values, no dict in between.
+        writer = self.tb_writer
+        if type(writer) is EventFileWriter and logs and state.is_world_process_zero:  # None before set-up
+            tags = self.metric_names(logs)
+            if tags is not None:
+                step = state.global_step
+                writer._append_scalars(tags, logs.values(), step, self.event_time)
+                if step > self.last_logged_step:
+                    self.last_logged_step = step
+                return
+        self._any_log(args, state, logs, kwargs)
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Write every metric at ``step`` (one event with the built-in writer)."""
