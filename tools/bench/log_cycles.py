@@ -1,6 +1,6 @@
 """What logging every step costs a training step, in simulated CPU cycles (deterministic).
 
-    uv run --group bench python tools/bench/log_cycles.py          # ~10 min on 2 cores; needs valgrind
+    uv run --group bench python tools/bench/log_cycles.py          # ~20 min on 2 cores; needs valgrind
     uv run --group bench python tools/bench/log_cycles.py --steps 100 --variants "no logging" "+ tensorboard"
 
 Wall-clock ratios on this 2-core shared machine move by several percent between runs, more

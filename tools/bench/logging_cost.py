@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-anchors", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="VARIANT",
+                   help="run only these of epochal's variants (and \"no logging\"), e.g. for more rounds")
     p.add_argument("--lockstep", type=int, default=50, metavar="STEPS",
                    help="turn length for epochal's variants (default 50); 0 runs them one after the other")
     ns = p.parse_args(argv)
@@ -78,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         ("log every step + tensorboard, console off",
          lambda w: run_epochal(w, data.dicts, console=False, logging_steps=1, report_to=["tensorboard"])),
     ])]
+    if ns.only:
+        known = {name for name, _ in groups[0][1]}
+        if unknown := set(ns.only) - known:
+            p.error(f"--only: unknown variant(s) {sorted(unknown)}; choose from {sorted(known)}")
+        groups[0][1][:] = [(name, run) for name, run in groups[0][1] if name == "no logging" or name in ns.only]
     if not ns.no_anchors and importable("transformers"):
         groups.append(("transformers", [
             ("no logging", lambda w: run_transformers(w, data.dicts)),
