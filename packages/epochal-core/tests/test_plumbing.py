@@ -231,11 +231,16 @@ def test_metric_names_are_the_tracker_names_of_a_log_of_numbers():
     class Tracker(IntegrationCallback):
         name = "tracker"
 
+        def log_metrics(self, metrics, step, state):
+            sent.append((metrics, step))
+
+    sent = []
     tracker = Tracker()
     logs = {"loss": 0.5, "grad_norm": 1, "eval_loss": 0.25, "total_flos": 2.0, "done": True}
     names = tracker.metric_names(logs)
     assert names == ("train/loss", "train/grad_norm", "eval/loss", "train/total_flos", "train/done")
-    assert dict(zip(names, logs.values())) == tracker._split_logs(logs)[0]
+    tracker.log_values(names, logs.values(), 7, None)  # by default: log_metrics with the split's dict
+    assert sent == [(tracker._split_logs(logs)[0], 7)]
     assert tracker.metric_names(dict(logs)) is names  # computed once per set of keys
     assert tracker.metric_names({"loss": 0.5, "phase": "warmup"}) is None  # not all numbers
     assert tracker.metric_names({"loss": 0.5, "weights": [1.0]}) is None

@@ -294,7 +294,7 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
 
 
 def test_the_built_in_writer_runs_on_the_training_thread(tmp_path: Path) -> None:
-    """A log is an append to the writer's list on the training thread; its own thread writes the file."""
+    """A log is an append to the writer's queue on the training thread; its own thread writes the file."""
     import threading
 
     seen: set[str] = set()

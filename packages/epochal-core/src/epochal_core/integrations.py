@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -155,6 +155,16 @@ class IntegrationCallback(TrainerCallback):
         """Send scalar ``metrics`` (keys already rewritten) at ``step``."""
         raise NotImplementedError
 
+    def log_values(self, names: tuple[str, ...], values: Iterable[float | int], step: int,
+                   state: TrainerState) -> None:
+        """Send a log whose values are all numbers: the tracker's names and the values, in the same order.
+
+        Every training log is all numbers, and this is what receives it. By default it
+        calls :meth:`log_metrics` with ``dict(zip(names, values))``; an integration whose
+        SDK takes the values apart overrides it and builds no dict.
+        """
+        self.log_metrics(dict(zip(names, values)), step, state)
+
     def log_texts(self, texts: dict[str, str], step: int, state: TrainerState) -> None:
         """Send string values (keys already rewritten) at ``step``.
 
@@ -229,6 +239,12 @@ class IntegrationCallback(TrainerCallback):
             return
         if not self._initialized:
             self._ensure_setup(args, state, {k: v for k, v in kwargs.items() if k != "logs"})
+        names = self.metric_names(logs)
+        if names is not None:  # every training log
+            self.log_values(names, logs.values(), state.global_step, state)
+            if state.global_step > self.last_logged_step:
+                self.last_logged_step = state.global_step
+            return
         metrics, texts = self._split_logs(logs)
         if metrics:
             self.log_metrics(metrics, state.global_step, state)
@@ -268,9 +284,8 @@ class IntegrationCallback(TrainerCallback):
     def metric_names(self, logs: Mapping[str, Any]) -> tuple[str, ...] | None:
         """The tracker's names for the keys of ``logs``, in order, when every value is a number; else ``None``.
 
-        Every training log is all numbers, so an integration's own fast path can pair
-        these names with ``logs.values()`` instead of building the dict that
-        :meth:`log_metrics` takes. The names of each set of keys are computed once.
+        Every training log is all numbers: :meth:`log_values` then gets these names with
+        ``logs.values()``. The names of each set of keys are computed once.
         """
         name_tuples = self.__dict__.get("_name_tuples")
         if name_tuples is None:  # a subclass that skipped IntegrationCallback.__init__

@@ -181,20 +181,6 @@ class Reporter:
         # An inline integration's everyday events (its logs): nothing is ever queued for it, so
         # there is nothing to drain; it runs now, so event_time stays None.
         run, has_end_batch = self._run, self._has_end_batch
-        log = self._log_handler if event == "on_log" and not has_end_batch else None
-        if log is not None:
-            # A log, the event that comes every step: the on_log body is called directly.
-            def dispatch_log(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
-                if not self.disabled:
-                    try:
-                        log(args, state, kwargs.get("logs"), kwargs)
-                    except Exception as err:
-                        self._fail(event, err, args, state, control, kwargs)
-                if self._failure is not None:
-                    self._check()
-                return None
-
-            return dispatch_log
 
         def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
             if not self.disabled:

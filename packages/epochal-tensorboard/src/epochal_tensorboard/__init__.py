@@ -135,7 +135,7 @@ class _ScalarLayout:
     call and copied in column by column (one extended-slice assignment per byte position), and
     the CRC of every record is the template's XOR one table lookup per changing byte, computed
     column by column (with ``map``, or with torch operations for runs of 24 events or more).
-    A log then costs the training thread an append to a list.
+    A log then costs the training thread an append to the writer's queue.
     """
 
     __slots__ = ("_torch_tables", "changing_format", "columns", "crc_offset", "fields", "record_template", "size",
@@ -590,8 +590,8 @@ class TensorBoardCallback(IntegrationCallback):
     view. Every log becomes one event holding its scalars at ``global_step``,
     after the ``train/``/``eval/``/``test/`` rewriting; strings become text;
     other values are dropped with one warning per key. With the built-in writer
-    the events run on the training thread, where a log costs an append to a
-    list; the writer's own thread encodes and writes them at most
+    the events run on the training thread, where a log costs an append to the
+    writer's queue; the writer's own thread encodes and writes them at most
     :data:`FLUSH_INTERVAL` seconds later, and they are ``fsync``-ed at every
     checkpoint and at the end. The run's end status (success or failure) goes to
     the HParams view.
@@ -630,11 +630,12 @@ class TensorBoardCallback(IntegrationCallback):
         self.tb_writer = tb_writer
         self.log_dir = os.fspath(log_dir) if log_dir is not None else None
         self._own_writer = tb_writer is None
-        # The built-in writer's log is an append to a list (its flusher thread encodes and writes):
+        # The built-in writer's log is an append to its queue (its flusher thread encodes and writes):
         # cheaper on the training thread than a hand-off to the reporter's. A writer passed in
         # may do more per call, so it runs on the reporter's thread.
         self.run_inline = self._own_writer
-        self._any_log: Any = None  # IntegrationCallback's handler for any log (set with the fast path)
+        # A subclass that overrides log_metrics gets every log there.
+        self._values_direct = type(self).log_metrics is TensorBoardCallback.log_metrics
 
     def resolve_log_dir(self, args: TrainingArguments, state: TrainerState) -> str:
         """Return the event-file directory: ``log_dir``, ``$TENSORBOARD_LOGGING_DIR``, then ``args.logging_dir``."""
@@ -668,26 +669,14 @@ class TensorBoardCallback(IntegrationCallback):
             writer.add_hparams_start(flatten_params(self.hyperparameters(args, model)), step)
         writer.flush()
 
-    def queued_log_handler(self) -> Any:
-        """The built-in writer's logs of numbers skip building the dict :meth:`log_metrics` takes."""
-        handler = super().queued_log_handler()
-        if handler is None or not self._own_writer or type(self).log_metrics is not TensorBoardCallback.log_metrics:
-            return handler
-        self._any_log = handler
-        return self._log_numbers
-
-    def _log_numbers(self, args: TrainingArguments, state: TrainerState, logs: Any, kwargs: dict[str, Any]) -> None:
-        # A log of numbers straight to the built-in writer: its tags and values, no dict in between.
-        writer = self.tb_writer
-        if type(writer) is EventFileWriter and logs and state.is_world_process_zero:  # None before set-up
-            tags = self.metric_names(logs)
-            if tags is not None:
-                step = state.global_step
-                writer._append_scalars(tags, logs.values(), step, self.event_time)
-                if step > self.last_logged_step:
-                    self.last_logged_step = step
-                return
-        self._any_log(args, state, logs, kwargs)
+    def log_values(self, names: tuple[str, ...], values: Iterable[float | int], step: int,
+                   state: TrainerState) -> None:
+        """Write a log of numbers at ``step``: to the built-in writer as its values, no dict in between."""
+        writer = self._writer()
+        if self._values_direct and isinstance(writer, EventFileWriter):
+            writer._append_scalars(names, values, step, self.event_time)
+        else:
+            super().log_values(names, values, step, state)
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Write every metric at ``step`` (one event with the built-in writer)."""
