@@ -1,9 +1,10 @@
 """Package metadata consistency across ``packages/*`` (DESIGN.md section 2, CONVENTIONS.md 1, 2, 7, 12).
 
 Read from the ``pyproject.toml`` files and the source tree, nothing installed is
-trusted, except for the slow test at the end: it builds each integration's wheel
-and resolves it alone, as ``pip install epochal-<word>`` would in a fresh
-environment, to show that it pulls in its SDK and nothing of the other integrations.
+trusted, except for the slow tests at the end: they build each package's wheel
+and resolve each integration's alone, as ``pip install epochal-<word>`` would in a
+fresh environment, to show that it pulls in its SDK and nothing of the other
+integrations, and the meta-package's with all of them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ GROUP = "epochal.integrations"
 CORE = "epochal-core"
 #: DESIGN.md section 2: the core depends on these only.
 CORE_DEPENDENCIES = {"torch", "typing-extensions", "tqdm"}
-#: The meta-package (when it exists) depends on everything and registers nothing.
+#: The meta-package depends on everything and registers nothing.
 META = "epochal"
 #: Distribution -> report_to name, where it is not the distribution's word (epochal-comet: "comet_ml").
 KNOWN_NAMES = {dist: name for name, dist in KNOWN_INTEGRATIONS.items()}
@@ -103,10 +104,8 @@ def test_one_version_for_all_packages() -> None:
 
 
 def test_meta_package_pins_every_package() -> None:
-    """``epochal`` (the meta-package, once it exists) depends on every package at exactly this version."""
+    """``epochal`` (the meta-package) depends on every package at exactly this version."""
     meta = ROOT / "packages" / META
-    if not meta.is_dir():
-        pytest.skip("no meta-package yet")
     version = project(meta)["version"]
     pins = {canonicalize_name(r.name): str(r.specifier) for r in dependencies(meta)}
     assert pins == {p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta}
@@ -166,6 +165,76 @@ def test_import_check_catches_an_integration_importing_another(tmp_path: Path) -
         "forbidden import: packages/epochal-beta/src/epochal_beta/_impl.py:2: epochal_beta imports epochal_alpha",
         "forbidden import: packages/epochal-core/src/epochal_core/__init__.py:1: epochal_core imports epochal_alpha",
     ]
+
+
+def test_meta_package_is_generated_and_current() -> None:
+    """``tools/sync_meta_package.py --check``: the meta-package's pins and re-exports match the packages."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sync_meta_package.py"), "--check"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _synthetic_workspace(root: Path, exports: dict[str, str]) -> None:
+    """``packages/<name>`` for each ``name -> __init__ source``, plus an empty meta-package."""
+    for name, source in exports.items():
+        src = root / "packages" / name / "src" / name.replace("-", "_")
+        src.mkdir(parents=True)
+        (src / "__init__.py").write_text(source)
+        (root / "packages" / name / "pyproject.toml").write_text(f'[project]\nname = "{name}"\nversion = "1.2.0"\n')
+    (root / "packages" / META).mkdir(parents=True)
+    (root / "packages" / META / "pyproject.toml").write_text(
+        '[project]\nname = "epochal"\nversion = "1.2.0"\ndependencies = [\n]\n\n[tool.x]\ny = 1\n'
+    )
+
+
+def _sync_meta(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sync_meta_package.py"), "--root", str(root), *args],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+
+
+def test_meta_generator_writes_pins_and_lazy_re_exports(tmp_path: Path) -> None:
+    _synthetic_workspace(tmp_path, {
+        "epochal-core": '__all__ = ["Trainer", "__version__", "set_seed"]\nTrainer = 1\nset_seed = 2\n',
+        "epochal-alpha": '__all__ = ("AlphaCallback",)\nAlphaCallback = 3\n',
+    })
+    stale = _sync_meta(tmp_path, "--check")
+    assert stale.returncode == 1
+    assert "out of date: packages/epochal/pyproject.toml" in stale.stderr
+    assert "run `python tools/sync_meta_package.py`" in stale.stderr
+
+    assert _sync_meta(tmp_path).returncode == 0
+    assert _sync_meta(tmp_path, "--check").returncode == 0
+    pyproject = (tmp_path / "packages" / META / "pyproject.toml").read_text()
+    assert 'dependencies = [\n    "epochal-core==1.2.0",\n    "epochal-alpha==1.2.0",\n]\n\n[tool.x]' in pyproject
+    init = (tmp_path / "packages" / META / "src" / "epochal" / "__init__.py").read_text()
+    namespace: dict[str, Any] = {}
+    exec(compile(init, "epochal/__init__.py", "exec"), namespace)
+    assert namespace["__all__"] == ["AlphaCallback", "Trainer", "__version__", "set_seed"]
+    assert namespace["_SOURCES"] == {"Trainer": "epochal_core", "set_seed": "epochal_core",
+                                     "AlphaCallback": "epochal_alpha"}
+    assert namespace["__version__"] == "1.2.0"
+
+    (tmp_path / "packages" / "epochal-alpha" / "src" / "epochal_alpha" / "__init__.py").write_text(
+        '__all__ = ["AlphaCallback", "BetaCallback"]\n'
+    )
+    assert "out of date: packages/epochal/src/epochal/__init__.py" in _sync_meta(tmp_path, "--check").stderr
+
+
+@pytest.mark.parametrize(("alpha", "message"), [
+    ('__all__ = ["Trainer"]\n', "'Trainer' is exported by both epochal_core and epochal_alpha"),
+    ("__all__ = [name for name in dir()]\n", "__all__ must be a literal list of strings"),
+    ("AlphaCallback = 3\n", "no __all__; list the package's public names in it"),
+], ids=["name-exported-twice", "computed-all", "no-all"])
+def test_meta_generator_refuses_an_ambiguous_workspace(tmp_path: Path, alpha: str, message: str) -> None:
+    _synthetic_workspace(tmp_path, {"epochal-core": '__all__ = ["Trainer"]\n', "epochal-alpha": alpha})
+    done = _sync_meta(tmp_path)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert not (tmp_path / "packages" / META / "src").exists(), "nothing is written on an error"
 
 
 # -- every package --------------------------------------------------------------------------------------
@@ -294,6 +363,22 @@ def wheel_metadata(path: Path) -> tuple[Any, str]:
         return Parser().parsestr(zf.read(info).decode()), zf.read(points).decode() if points else ""
 
 
+def _resolve(direct: dict[str, Path], cache: Path) -> set[str]:
+    """Distribution names ``uv pip compile`` resolves for these wheels given as direct requirements.
+
+    Direct wheel URLs mean no epochal-* name is ever looked up on the public index.
+    """
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    done = _run_uv(
+        ["pip", "compile", "-", "--python-version", python, "--no-header", "--no-annotate", "--quiet"],
+        cache, input="".join(f"{name} @ {path.as_uri()}\n" for name, path in sorted(direct.items())),
+    )
+    return {
+        canonicalize_name(re.split(r"\s*(?:==| @ )", line.strip(), maxsplit=1)[0])
+        for line in done.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    }
+
+
 @pytest.mark.slow
 def test_wheel_installs_its_sdk_and_nothing_of_the_other_integrations(
     integration: Path, wheels: dict[str, Path], uv_cache: Path
@@ -309,21 +394,33 @@ def test_wheel_installs_its_sdk_and_nothing_of_the_other_integrations(
     with zipfile.ZipFile(wheel) as zf:
         assert f"{import_name(integration)}/py.typed" in zf.namelist()
 
-    # Both wheels as direct requirements: the core must satisfy the integration's range,
-    # and no epochal-* name is ever looked up on the public index.
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    requirement_lines = f"{integration.name} @ {wheel.as_uri()}\n{CORE} @ {wheels[CORE].as_uri()}\n"
-    done = _run_uv(
-        ["pip", "compile", "-", "--python-version", python, "--no-header", "--no-annotate", "--quiet"],
-        uv_cache, input=requirement_lines,
-    )
-    resolved = {
-        canonicalize_name(re.split(r"\s*(?:==| @ )", line.strip(), maxsplit=1)[0])
-        for line in done.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")
-    }
+    # Both wheels as direct requirements: the core must satisfy the integration's range.
+    resolved = _resolve({integration.name: wheel, CORE: wheels[CORE]}, uv_cache)
     assert {integration.name, CORE, *sdks_of(integration)} <= resolved, sorted(resolved)
     for other in INTEGRATION_DIRS:
         if other != integration:
             assert other.name not in resolved
             assert not sdks_of(other) & resolved, f"{integration.name} pulls in {sdks_of(other)}"
     assert {name for name in resolved if name.startswith("epochal")} == {integration.name, CORE}
+
+
+@pytest.mark.slow
+def test_meta_wheel_pins_every_package_and_resolves_with_their_wheels(
+    wheels: dict[str, Path], uv_cache: Path
+) -> None:
+    """``pip install epochal``: exact pins of every package, no entry point of its own, every SDK resolved."""
+    meta = ROOT / "packages" / META
+    metadata, points = wheel_metadata(wheels[META])
+    version = project(meta)["version"]
+    requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
+    assert {canonicalize_name(r.name): str(r.specifier) for r in requires} == {
+        p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta
+    }
+    assert points == "", "the meta-package registers nothing (each integration registers itself)"
+    with zipfile.ZipFile(wheels[META]) as zf:
+        assert {"epochal/__init__.py", "epochal/py.typed"} <= set(zf.namelist())
+
+    resolved = _resolve(wheels, uv_cache)
+    assert {p.name for p in PACKAGE_DIRS} <= resolved
+    for integration in INTEGRATION_DIRS:
+        assert sdks_of(integration) <= resolved, f"{integration.name}'s SDK is missing"

@@ -12,7 +12,7 @@ only stops *writing* caches, existing ones are read); ``__pycache__`` folders th
 script creates under ``packages/`` are removed at the end so they never reach git.
 
 It also checks that importing ``epochal_core`` plus every integration module,
-and constructing each integration callback, loads no tracker SDK
+or the meta-package ``epochal``, and constructing each integration callback, loads no tracker SDK
 (dvclive, comet_ml, neptune, nor tensorboardX/tensorboard), and that a
 TensorBoard callback that ran (``on_train_begin`` to ``on_train_end``) loaded
 none either: it writes the event files itself. (That the other SDKs load once
@@ -53,6 +53,11 @@ SNIPPETS = {
     "... + construct the 4 callbacks": "import epochal_core, epochal_tensorboard, epochal_dvclive, "
     "epochal_comet, epochal_neptune\nepochal_tensorboard.TensorBoardCallback(); "
     "epochal_dvclive.DVCLiveCallback(); epochal_comet.CometCallback(); epochal_neptune.NeptuneCallback()",
+    "import epochal (meta)": "import epochal",
+    "from epochal import the 4 callbacks + construct": "from epochal import (TensorBoardCallback, "
+    "DVCLiveCallback, CometCallback, NeptuneCallback)\nTensorBoardCallback(); DVCLiveCallback(); "
+    "CometCallback(); NeptuneCallback()",
+    "from epochal import Trainer": "from epochal import Trainer",
 }
 ANCHORS = {
     "from transformers import Trainer": "from transformers import Trainer",
@@ -116,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                                        for a, b in zip(v, samples["import torch"])) for k, v in samples.items()}
         rows = []
         targets = {"epochal_core protocol names": "< 50 ms",
-                   "from epochal_core import Trainer": "< import torch + 150 ms"}
+                   "from epochal_core import Trainer": "< import torch + 150 ms",
+                   "import epochal (meta)": "no tracker SDK",
+                   "from epochal import the 4 callbacks + construct": "no tracker SDK"}
         for name, v in samples.items():
             last = v[-1]
             rows.append([name, f"{med[name]:.0f}", f"{min(float(s['s']) for s in v) * 1e3:.0f}",  # type: ignore

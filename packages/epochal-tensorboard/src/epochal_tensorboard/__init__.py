@@ -54,7 +54,9 @@ if TYPE_CHECKING:
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 
-__all__ = ["FLUSH_INTERVAL", "LOGGING_DIR_ENV", "EventFileWriter", "TensorBoardCallback", "clean_tag", "crc32c"]
+# The user-facing names (what the meta-package `epochal` re-exports). FLUSH_INTERVAL, LOGGING_DIR_ENV,
+# clean_tag and crc32c are documented module attributes too, importable from here only.
+__all__ = ["EventFileWriter", "TensorBoardCallback"]
 
 logger = logging.getLogger(__name__)
 
