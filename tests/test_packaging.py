@@ -209,7 +209,11 @@ def test_meta_generator_writes_pins_and_lazy_re_exports(tmp_path: Path) -> None:
     assert _sync_meta(tmp_path).returncode == 0
     assert _sync_meta(tmp_path, "--check").returncode == 0
     pyproject = (tmp_path / "packages" / META / "pyproject.toml").read_text()
-    assert 'dependencies = [\n    "epochal-core==1.2.0",\n    "epochal-alpha==1.2.0",\n]\n\n[tool.x]' in pyproject
+    pins = 'dependencies = [\n    "epochal-core==1.2.0",\n    "epochal-alpha==1.2.0",\n]\n'
+    assert f"{pins}\n[tool.x]\ny = 1\n" in pyproject, "the rest of the file is kept"
+    assert pyproject.endswith(
+        "\n\n[tool.uv.sources]\nepochal-core = { workspace = true }\nepochal-alpha = { workspace = true }\n"
+    )
     init = (tmp_path / "packages" / META / "src" / "epochal" / "__init__.py").read_text()
     namespace: dict[str, Any] = {}
     exec(compile(init, "epochal/__init__.py", "exec"), namespace)

@@ -4,7 +4,8 @@ Two things in ``packages/epochal`` are generated, never edited by hand
 (CONVENTIONS.md item 11):
 
 - the ``dependencies`` list of its ``pyproject.toml``: every other workspace
-  package, pinned to exactly the meta-package's version;
+  package, pinned to exactly the meta-package's version (and its
+  ``[tool.uv.sources]`` table, so uv takes them from the workspace);
 - ``src/epochal/__init__.py``: every name in each package's ``__all__`` (read
   from the AST of its ``__init__.py``, nothing is imported), re-exported lazily
   so ``import epochal`` imports neither torch nor any integration, let alone a
@@ -34,6 +35,7 @@ META = "epochal"
 GENERATE_COMMAND = "python tools/sync_meta_package.py"
 
 _DEPENDENCIES = re.compile(r"^dependencies = \[\n(?:.*\n)*?\]\n", re.MULTILINE)
+_SOURCES_TABLE = re.compile(r"^\[tool\.uv\.sources\]\n(?:.+\n)*", re.MULTILINE)
 _VERSION = re.compile(r'^version = "([^"]+)"$', re.MULTILINE)
 
 
@@ -117,12 +119,15 @@ def meta_version(root: Path) -> str:
 
 
 def render_pyproject(current: str, found: list[Package], version: str) -> str:
-    """``current`` with its ``dependencies`` list replaced by exact pins of every package."""
-    pins = "".join(f'    "{p.distribution}=={version}",\n' for p in found)
-    block = f"dependencies = [\n{pins}]\n"
+    """``current`` with its ``dependencies`` list (exact pins) and ``[tool.uv.sources]`` table regenerated."""
     if not _DEPENDENCIES.search(current):
         raise MetaPackageError(f"packages/{META}/pyproject.toml has no multi-line `dependencies = [` list")
-    return _DEPENDENCIES.sub(lambda _: block, current, count=1)
+    pins = "".join(f'    "{p.distribution}=={version}",\n' for p in found)
+    text = _DEPENDENCIES.sub(lambda _: f"dependencies = [\n{pins}]\n", current, count=1)
+    sources = "[tool.uv.sources]\n" + "".join(f"{p.distribution} = {{ workspace = true }}\n" for p in found)
+    if _SOURCES_TABLE.search(text):
+        return _SOURCES_TABLE.sub(lambda _: sources, text, count=1)
+    return f"{text.rstrip()}\n\n{sources}"
 
 
 _INIT_HEAD = '''\
