@@ -164,7 +164,7 @@ _INIT_TAIL = '''
 def __getattr__(name: str) -> Any:
     module = _SOURCES.get(name)
     if module is None:
-        raise AttributeError(f"module 'epochal' has no attribute {{name!r}}")
+        raise AttributeError(f"module 'epochal' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value
@@ -193,14 +193,13 @@ def render_init(found: list[Package], version: str) -> str:
     lines.append("}\n\n__all__ = [\n")
     lines.extend(f'    "{name}",\n' for name in sorted([*sources, "__version__"], key=_all_order))
     lines.append("]\n")
-    lines.append(_INIT_TAIL.format())
+    lines.append(_INIT_TAIL)
     return "".join(lines)
 
 
-def generated(root: Path) -> dict[Path, str]:
-    """Each generated file -> the text it should have."""
+def generated(root: Path, found: list[Package]) -> dict[Path, str]:
+    """Each generated file -> the text it should have, re-exporting ``found``."""
     meta = root / "packages" / META
-    found = packages(root)
     version = meta_version(root)
     pyproject = meta / "pyproject.toml"
     return {
@@ -219,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no packages/{META}/pyproject.toml under {root}", file=sys.stderr)
         return 2
     try:
-        wanted = generated(root)
+        found = packages(root)
+        wanted = generated(root, found)
     except MetaPackageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if stale:
             print(f"run `{GENERATE_COMMAND}` (then `uv lock` if the dependencies changed)", file=sys.stderr)
             return 1
-        print(f"meta-package up to date: {len(packages(root))} packages re-exported")
+        print(f"meta-package up to date: {len(found)} packages re-exported")
         return 0
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,10 @@ WORKSPACE_MODULES = sorted(
 
 
 def tracker_sdk_modules() -> set[str]:
-    """Top-level modules of every SDK the installed integrations require (not the core's own dependencies)."""
-    core = {canonicalize_name(Requirement(r).name) for r in requires("epochal-core") or []}
-    sdks: set[str] = set()
-    for info in available_integrations().values():
-        for line in requires(info.distribution) or []:
-            name = canonicalize_name(Requirement(line).name)
-            if name != "epochal-core" and name not in core:
-                sdks.add(name)
+    """Top-level modules of the SDKs every installed integration requires (as tests/test_contract.py finds them)."""
+    required = {canonicalize_name(Requirement(line).name)
+                for info in available_integrations().values() for line in requires(info.distribution) or []}
+    sdks = required - {"epochal-core"}
     return {module for module, dists in packages_distributions().items()
             if sdks & {canonicalize_name(d) for d in dists}}
 
