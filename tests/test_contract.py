@@ -29,6 +29,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The one integration that may build on another (DESIGN.md section 2): its distribution -> the base's.
+BUILDS_ON = {"epochal-dagshub": "epochal-mlflow"}
 INTEGRATIONS = available_integrations()
 NAMES = sorted(INTEGRATIONS)
 
@@ -51,7 +53,9 @@ def requirements(info: IntegrationInfo) -> list[Requirement]:
 
 
 def sdk_requirements(info: IntegrationInfo) -> list[Requirement]:
-    return [r for r in requirements(info) if canonicalize_name(r.name) != "epochal-core"]
+    """Its own SDK: neither the core nor the integration it is declared to build on."""
+    skip = {"epochal-core", BUILDS_ON.get(canonicalize_name(info.distribution))}
+    return [r for r in requirements(info) if canonicalize_name(r.name) not in skip]
 
 
 def sdk_modules(info: IntegrationInfo) -> set[str]:
@@ -122,6 +126,9 @@ def test_distribution_metadata_is_consistent(info: IntegrationInfo) -> None:
     assert len(core) == 1, f"{info.distribution} must depend on epochal-core"
     assert core[0].url is None, f"{info.distribution} depends on a path/URL core: {core[0]}"
     assert core[0].specifier.contains(epochal_core.__version__), f"{core[0]} excludes the installed core"
+    base = BUILDS_ON.get(canonicalize_name(info.distribution))
+    if base is not None:
+        assert base in {canonicalize_name(r.name) for r in requirements(info)}, f"{info.distribution} builds on {base}"
     sdks = sdk_requirements(info)
     assert len(sdks) <= 1, f"{info.distribution} must depend on one SDK at most, not {[str(r) for r in sdks]}"
     declared = getattr(cls, "sdk_package", "")

@@ -38,6 +38,8 @@ CORE = "epochal-core"
 CORE_DEPENDENCIES = {"torch", "typing-extensions", "tqdm"}
 #: The meta-package depends on everything and registers nothing.
 META = "epochal"
+#: The one integration that may build on another (DESIGN.md section 2): its distribution -> the base's.
+BUILDS_ON = {"epochal-dagshub": "epochal-mlflow"}
 #: Distribution -> report_to name, where it is not the distribution's word (epochal-comet: "comet_ml").
 KNOWN_NAMES = {dist: name for name, dist in KNOWN_INTEGRATIONS.items()}
 
@@ -69,7 +71,14 @@ def import_name(folder: Path) -> str:
 
 def sdks_of(folder: Path) -> set[str]:
     """The SDK an integration requires: one, or none when it writes its tracker's format itself."""
-    return {canonicalize_name(r.name) for r in dependencies(folder) if canonicalize_name(r.name) != CORE}
+    skip = {CORE, BUILDS_ON.get(folder.name)}
+    return {canonicalize_name(r.name) for r in dependencies(folder) if canonicalize_name(r.name) not in skip}
+
+
+def base_of(folder: Path) -> Path | None:
+    """The integration package ``folder`` is declared to build on, if any."""
+    base = BUILDS_ON.get(folder.name)
+    return folder.parent / base if base is not None else None
 
 
 def next_release(version: Version) -> str:
@@ -282,12 +291,18 @@ def test_integration_dependencies(integration: Path) -> None:
     assert spec.contains(Version(f"{version.major}.{version.minor}.{version.micro + 1}")), \
         f"{core[0]} pins the core: use a compatible range (CONVENTIONS.md 12)"
     assert not spec.contains(Version(next_release(version))), f"{core[0]} has no upper bound"
-    others = [r for r in deps if canonicalize_name(r.name) != CORE]
+    base = BUILDS_ON.get(integration.name)
+    sources = {CORE: {"workspace": True}}
+    if base is not None:
+        [on_base] = [r for r in deps if canonicalize_name(r.name) == base]
+        assert on_base.specifier == spec, f"{on_base}: the same compatible range as the core"
+        sources[base] = {"workspace": True}
+    others = [r for r in deps if canonicalize_name(r.name) not in {CORE, base}]
     assert len(others) <= 1, f"one SDK at most, not {[str(r) for r in others]}"
     for sdk in others:
         assert not canonicalize_name(sdk.name).startswith("epochal"), "an integration never depends on another"
         assert not sdk.url and not sdk.marker, f"SDK {sdk} must be a plain, unconditional requirement"
-    assert load(integration)["tool"]["uv"]["sources"] == {CORE: {"workspace": True}}
+    assert load(integration)["tool"]["uv"]["sources"] == sources
 
 
 def test_integration_entry_point(integration: Path) -> None:
@@ -392,20 +407,24 @@ def test_wheel_installs_its_sdk_and_nothing_of_the_other_integrations(
     metadata, points = wheel_metadata(wheel)
     assert metadata["Name"] == integration.name and metadata["Version"] == project(integration)["version"]
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
-    assert {canonicalize_name(r.name) for r in requires} == {CORE, *sdks_of(integration)}
+    base = base_of(integration)
+    assert {canonicalize_name(r.name) for r in requires} == {CORE, *sdks_of(integration)} | (
+        {base.name} if base else set()
+    )
     assert all(r.url is None for r in requires), "a workspace source leaked into the wheel's metadata"
     assert f"[{GROUP}]" in points and f"= {import_name(integration)}:" in points
     with zipfile.ZipFile(wheel) as zf:
         assert f"{import_name(integration)}/py.typed" in zf.namelist()
 
-    # Both wheels as direct requirements: the core must satisfy the integration's range.
-    resolved = _resolve({integration.name: wheel, CORE: wheels[CORE]}, uv_cache)
-    assert {integration.name, CORE, *sdks_of(integration)} <= resolved, sorted(resolved)
+    # The wheels as direct requirements (the base's too): the core must satisfy the integration's range.
+    own = {integration, *([base] if base else [])}
+    resolved = _resolve({p.name: wheels[p.name] for p in own} | {CORE: wheels[CORE]}, uv_cache)
+    assert {CORE, *(p.name for p in own), *(sdk for p in own for sdk in sdks_of(p))} <= resolved, sorted(resolved)
     for other in INTEGRATION_DIRS:
-        if other != integration:
+        if other not in own:
             assert other.name not in resolved
             assert not sdks_of(other) & resolved, f"{integration.name} pulls in {sdks_of(other)}"
-    assert {name for name in resolved if name.startswith("epochal")} == {integration.name, CORE}
+    assert {name for name in resolved if name.startswith("epochal")} == {CORE, *(p.name for p in own)}
 
 
 @pytest.mark.slow

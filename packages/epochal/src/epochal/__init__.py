@@ -13,9 +13,12 @@ object as in its own package:
 
 - ``epochal_core`` (epochal-core)
 - ``epochal_comet`` (epochal-comet)
+- ``epochal_dagshub`` (epochal-dagshub)
 - ``epochal_dvclive`` (epochal-dvclive)
+- ``epochal_mlflow`` (epochal-mlflow)
 - ``epochal_neptune`` (epochal-neptune)
 - ``epochal_tensorboard`` (epochal-tensorboard)
+- ``epochal_wandb`` (epochal-wandb)
 
 Names load on first use: ``import epochal`` imports neither torch nor any
 integration, and a tracker's SDK is imported only when its callback starts a run.
@@ -52,8 +55,14 @@ if TYPE_CHECKING:
         TrainOutput,
         set_seed,
     )
+    from epochal_dagshub import (
+        DagsHubCallback,
+    )
     from epochal_dvclive import (
         DVCLiveCallback,
+    )
+    from epochal_mlflow import (
+        MLflowCallback,
     )
     from epochal_neptune import (
         NeptuneCallback,
@@ -61,6 +70,9 @@ if TYPE_CHECKING:
     from epochal_tensorboard import (
         EventFileWriter,
         TensorBoardCallback,
+    )
+    from epochal_wandb import (
+        WandbCallback,
     )
 
 __version__ = "0.1.0"
@@ -86,10 +98,13 @@ _SOURCES: dict[str, str] = {
     "TrainingArguments": "epochal_core",
     "set_seed": "epochal_core",
     "CometCallback": "epochal_comet",
+    "DagsHubCallback": "epochal_dagshub",
     "DVCLiveCallback": "epochal_dvclive",
+    "MLflowCallback": "epochal_mlflow",
     "NeptuneCallback": "epochal_neptune",
     "EventFileWriter": "epochal_tensorboard",
     "TensorBoardCallback": "epochal_tensorboard",
+    "WandbCallback": "epochal_wandb",
 }
 
 __all__ = [
@@ -98,12 +113,14 @@ __all__ = [
     "CheckpointError",
     "CometCallback",
     "DVCLiveCallback",
+    "DagsHubCallback",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
     "EventFileWriter",
     "ExportableState",
     "IntegrationCallback",
+    "MLflowCallback",
     "NeptuneCallback",
     "PredictionOutput",
     "PrinterCallback",
@@ -115,6 +132,7 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "TrainingArguments",
+    "WandbCallback",
     "__version__",
     "set_seed",
 ]
