@@ -7,7 +7,7 @@ import threading
 import epochal_core
 import pytest
 from epochal_core import IntegrationCallback, Trainer, TrainerCallback, TrainingArguments
-from epochal_core.report_to import resolve_report_to
+from epochal_core.report_to import KNOWN_INTEGRATIONS, resolve_report_to
 from helpers_core import DictDataset, TinyRegressor
 
 
@@ -51,9 +51,11 @@ def test_unknown_report_to_lists_known_names():
         resolve_report_to(["nope"])
 
 
-def test_known_but_missing_integration_names_the_package():
-    with pytest.raises(ValueError, match=r"pip install epochal-wandb"):
-        resolve_report_to(["wandb"])
+def test_known_but_missing_integration_names_the_package(monkeypatch):
+    # A known name whose package is not installed (the workspace installs every real one).
+    monkeypatch.setitem(KNOWN_INTEGRATIONS, "fancytracker", "epochal-fancytracker")
+    with pytest.raises(ValueError, match=r"pip install epochal-fancytracker"):
+        resolve_report_to(["fancytracker"])
 
 
 def test_slow_integration_does_not_block_training(tmp_path):
@@ -212,6 +214,8 @@ def test_third_party_package_adds_a_report_to_name_with_one_entry_point(tmp_path
 def test_cli_lists_integrations_without_importing_them():
     proc = subprocess.run(
         [sys.executable, "-c", "import sys, runpy; sys.argv=['x','integrations'];"
+         "from epochal_core.report_to import KNOWN_INTEGRATIONS;"
+         "KNOWN_INTEGRATIONS['fancytracker'] = 'epochal-fancytracker';"  # known, not installed
          "runpy.run_module('epochal_core', run_name='__main__', alter_sys=True)"],
         capture_output=True, text=True, check=False,
     )
@@ -222,7 +226,7 @@ def test_cli_lists_integrations_without_importing_them():
     # TensorBoard needs no SDK: its column says so.
     assert any(line.split() == ["tensorboard", "epochal-tensorboard", epochal_core.__version__, "none", "needed"]
                for line in lines)
-    assert any(line.startswith("wandb") and "not installed" in line for line in lines)
+    assert any(line.startswith("fancytracker") and "not installed" in line for line in lines)
 
 
 def test_metric_names_are_the_tracker_names_of_a_log_of_numbers():
