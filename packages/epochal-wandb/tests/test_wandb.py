@@ -251,3 +251,5 @@ def test_configuration_problem_and_invalid_log_model(monkeypatch: pytest.MonkeyP
     assert problem is not None and "WANDB_LOG_MODEL='sometimes'" in problem
     with pytest.raises(ValueError, match=r"WANDB_LOG_MODEL='sometimes' is invalid: use one of \['end'"):
         scripted_run(WandbCallback(), output_dir=tmp_path / "out", max_steps=2)
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    assert "WANDB_DISABLED" in str(WandbCallback.configuration_problem())

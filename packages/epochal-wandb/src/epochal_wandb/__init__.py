@@ -123,7 +123,12 @@ class WandbCallback(IntegrationCallback):
 
     @classmethod
     def configuration_problem(cls) -> str | None:
-        """Why W&B would prompt for a login under ``report_to="all"``, or ``None``."""
+        """Why W&B would prompt for a login under ``report_to="all"``, or ``None``.
+
+        ``WANDB_DISABLED`` (transformers v4's switch) set to a true value also skips it there.
+        """
+        if os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+            return "W&B is disabled by WANDB_DISABLED; unset it to log to W&B."
         try:
             _log_model_mode(os.environ.get("WANDB_LOG_MODEL"))
         except ValueError as err:
