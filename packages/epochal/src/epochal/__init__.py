@@ -12,8 +12,12 @@ Every name in the ``__all__`` of these packages is importable from here, the sam
 object as in its own package:
 
 - ``epochal_core`` (epochal-core)
+- ``epochal_azureml`` (epochal-azureml)
+- ``epochal_clearml`` (epochal-clearml)
+- ``epochal_codecarbon`` (epochal-codecarbon)
 - ``epochal_comet`` (epochal-comet)
 - ``epochal_dvclive`` (epochal-dvclive)
+- ``epochal_flyte`` (epochal-flyte)
 - ``epochal_neptune`` (epochal-neptune)
 - ``epochal_tensorboard`` (epochal-tensorboard)
 
@@ -29,6 +33,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from epochal_azureml import (
+        AzureMLCallback,
+    )
+    from epochal_clearml import (
+        ClearMLCallback,
+    )
+    from epochal_codecarbon import (
+        CodeCarbonCallback,
+    )
     from epochal_comet import (
         CometCallback,
     )
@@ -54,6 +67,9 @@ if TYPE_CHECKING:
     )
     from epochal_dvclive import (
         DVCLiveCallback,
+    )
+    from epochal_flyte import (
+        FlyteCallback,
     )
     from epochal_neptune import (
         NeptuneCallback,
@@ -85,8 +101,12 @@ _SOURCES: dict[str, str] = {
     "TrainerState": "epochal_core",
     "TrainingArguments": "epochal_core",
     "set_seed": "epochal_core",
+    "AzureMLCallback": "epochal_azureml",
+    "ClearMLCallback": "epochal_clearml",
+    "CodeCarbonCallback": "epochal_codecarbon",
     "CometCallback": "epochal_comet",
     "DVCLiveCallback": "epochal_dvclive",
+    "FlyteCallback": "epochal_flyte",
     "NeptuneCallback": "epochal_neptune",
     "EventFileWriter": "epochal_tensorboard",
     "TensorBoardCallback": "epochal_tensorboard",
@@ -94,8 +114,11 @@ _SOURCES: dict[str, str] = {
 
 __all__ = [
     "EVENTS",
+    "AzureMLCallback",
     "CallbackHandler",
     "CheckpointError",
+    "ClearMLCallback",
+    "CodeCarbonCallback",
     "CometCallback",
     "DVCLiveCallback",
     "DefaultFlowCallback",
@@ -103,6 +126,7 @@ __all__ = [
     "EvalPrediction",
     "EventFileWriter",
     "ExportableState",
+    "FlyteCallback",
     "IntegrationCallback",
     "NeptuneCallback",
     "PredictionOutput",
