@@ -65,7 +65,7 @@ class CodeCarbonCallback(IntegrationCallback):
     sdk: ClassVar[str] = "codecarbon"
     sdk_package: ClassVar[str] = "codecarbon"
     # Logs and checkpoints mean nothing to an emissions tracker: not dispatched at all.
-    on_log = TrainerCallback.on_log
+    on_log = TrainerCallback.on_log  # type: ignore[assignment]
     on_save = TrainerCallback.on_save
 
     def __init__(
@@ -92,7 +92,7 @@ class CodeCarbonCallback(IntegrationCallback):
         codecarbon = self.import_sdk()
         from codecarbon.core.config import get_hierarchical_config
 
-        configured = get_hierarchical_config()
+        configured = get_hierarchical_config()  # type: ignore[no-untyped-call]
         tracker_kwargs = dict(self.tracker_kwargs)
         output_dir = self.output_dir or configured.get("output_dir") or args.output_dir
         # The offline tracker swallows a missing folder (and then measures nothing): create it here.

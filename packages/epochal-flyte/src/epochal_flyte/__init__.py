@@ -86,9 +86,9 @@ class FlyteCallback(IntegrationCallback):
     sdk: ClassVar[str] = "flytekit"
     sdk_package: ClassVar[str] = "flytekit"
     # flytekit keeps the task's context per thread: only the training thread sees it.
-    run_inline: ClassVar[bool] = True
+    run_inline = True
     # The deck is built from state.log_history at the end: no event per log.
-    on_log = TrainerCallback.on_log
+    on_log = TrainerCallback.on_log  # type: ignore[assignment]
 
     def __init__(self, save_log_history: bool = True, sync_checkpoints: bool = True) -> None:
         super().__init__()
@@ -134,6 +134,6 @@ class FlyteCallback(IntegrationCallback):
         state, self._state, self.checkpoint = self._state, None, None
         if state is None or not self.save_log_history:
             return
-        from flytekit import Deck
+        from flytekit import Deck  # type: ignore[import-untyped]
 
         Deck(DECK_NAME, log_history_table(state.log_history))
