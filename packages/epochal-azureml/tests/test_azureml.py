@@ -84,3 +84,12 @@ def test_another_run_gets_every_step(tmp_path: Path, capsys: pytest.CaptureFixtu
                        state=TrainerState(global_step=2))
     assert {e["step"] for e in run.state.log_history} >= {4, 5}  # at or below the checkpoint's last logged step
     assert read_back(capsys.readouterr().out) == expected(run.state.log_history)
+
+
+def test_report_to_all_leaves_out_azureml_outside_a_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(TinyRegressor(), trainer_args(tmp_path / "out", report_to="all"), train_dataset=tiny_dataset())
+    assert not any(isinstance(cb, AzureMLCallback) for cb in trainer.callback_handler.callbacks)
+    monkeypatch.setenv("AZUREML_RUN_ID", "run-1")
+    assert AzureMLCallback.configuration_problem() is None
+    trainer = Trainer(TinyRegressor(), trainer_args(tmp_path / "out", report_to="all"), train_dataset=tiny_dataset())
+    assert any(isinstance(cb, AzureMLCallback) for cb in trainer.callback_handler.callbacks)

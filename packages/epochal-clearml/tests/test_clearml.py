@@ -210,3 +210,17 @@ def test_constructing_imports_nothing_and_defaults_match_transformers() -> None:
     callback = ClearMLCallback()
     assert callback.task is None and callback.run_id is None
     assert ClearMLCallback.name == "clearml"
+
+
+def test_report_to_all_leaves_out_clearml_without_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert ClearMLCallback.configuration_problem() is None  # offline (root conftest)
+    monkeypatch.delenv("CLEARML_OFFLINE_MODE")
+    problem = ClearMLCallback.configuration_problem()
+    assert problem is not None and "CLEARML_OFFLINE_MODE=1" in problem
+    trainer = Trainer(DropoutRegressor(), trainer_args(tmp_path / "out", report_to="all"), train_dataset=tiny_dataset())
+    assert not any(isinstance(cb, ClearMLCallback) for cb in trainer.callback_handler.callbacks)
+    (tmp_path / "clearml.conf").write_text("api { credentials { access_key: x, secret_key: y } }\n")
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "clearml.conf"))
+    assert ClearMLCallback.configuration_problem() is None

@@ -125,28 +125,15 @@ def test_outside_a_task_is_skipped_with_one_warning(
     assert callback.checkpoint is None
 
 
-def test_without_flytekit_imported_it_is_not_imported(tmp_path: Path) -> None:
-    # Importing flytekit would replace the SIGINT handler: outside a task the callback never does.
-    code = (
-        "import sys\n"
-        "from epochal_core.testing import scripted_run\n"
-        "from epochal_flyte import FlyteCallback\n"
-        "scripted_run(FlyteCallback(), max_steps=2)\n"
-        "assert 'flytekit' not in sys.modules\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=os.environ.copy())
-    assert done.returncode == 0, done.stderr
-    assert "not running inside a Flyte task (flytekit is not imported)" in done.stderr
-
-
 SIGTERM_SCRIPT = """
 import json, signal, sys
-from flytekit import task
 from epochal_core import Trainer, TrainingArguments
-from epochal_core.testing import DropoutRegressor, WaitAt, tiny_dataset
+from epochal_core.testing import DropoutRegressor, WaitAt, scripted_run, tiny_dataset
 from epochal_flyte import FlyteCallback
-result = {}
+# Outside a task, with flytekit not imported: the callback must not import it (that replaces SIGINT's handler).
+scripted_run(FlyteCallback(), max_steps=2)
+result = {"flytekit imported outside a task": "flytekit" in sys.modules}
+from flytekit import task
 @task(deck_fields=())
 def train() -> None:
     args = TrainingArguments(output_dir=sys.argv[1], max_steps=50, per_device_train_batch_size=8, logging_steps=1,
@@ -162,11 +149,14 @@ print(json.dumps(result))
 
 
 @pytest.mark.slow
-def test_sigterm_inside_a_task_still_saves_and_stops(tmp_path: Path) -> None:
+def test_sigterm_inside_a_task_still_saves_and_stops_and_no_import_outside(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT, str(out)], capture_output=True, text=True,
                           timeout=300, env=os.environ.copy(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"step": 2, "preempted": True}
+    assert "not running inside a Flyte task (flytekit is not imported)" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "flytekit imported outside a task": False, "step": 2, "preempted": True,
+    }
     assert (out / "checkpoint-2" / "COMPLETE").is_file()
     assert "Received SIGTERM" in done.stderr

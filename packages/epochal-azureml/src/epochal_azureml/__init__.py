@@ -19,6 +19,7 @@ files or network calls of its own there.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from epochal_core.integrations import IntegrationCallback
@@ -41,7 +42,8 @@ class AzureMLCallback(IntegrationCallback):
     the same AzureML run does not send again the steps that run already holds.
 
     Environment: none of its own (as transformers); the AzureML job sets the
-    ``AZUREML_*`` variables ``Run.get_context()`` reads.
+    ``AZUREML_*`` variables ``Run.get_context()`` reads. ``report_to="all"``
+    leaves it out when ``AZUREML_RUN_ID`` is not set (outside a job).
 
     Args:
         azureml_run: An ``azureml.core.Run`` to log to instead of ``Run.get_context()``.
@@ -61,6 +63,16 @@ class AzureMLCallback(IntegrationCallback):
         #: The AzureML run logged to (set at setup unless given).
         self.azureml_run: Any = azureml_run
         self._given = azureml_run is not None
+
+    @classmethod
+    def configuration_problem(cls) -> str | None:
+        """Outside an AzureML job, why ``report_to="all"`` leaves AzureML out; ``None`` inside one."""
+        if os.environ.get("AZUREML_RUN_ID"):
+            return None
+        return (
+            "not running in an AzureML job (AZUREML_RUN_ID is not set): its offline run would only print "
+            "every metric. Name 'azure_ml' in report_to to log anyway."
+        )
 
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any, **kwargs: Any) -> None:
         """Take the job's run (``Run.get_context()``) unless one was given."""

@@ -131,6 +131,19 @@ class ClearMLCallback(IntegrationCallback):
         self._restore: list[tuple[Any, str, Any]] = []  # class attributes to put back after the task closed
         self._environ: dict[str, str] | None = None  # ClearML's environment variables before Task.init
 
+    @classmethod
+    def configuration_problem(cls) -> str | None:
+        """Why ClearML would need a server it has no credentials for under ``report_to="all"``, else ``None``."""
+        if _env_true("CLEARML_OFFLINE_MODE", False) or os.environ.get("CLEARML_API_ACCESS_KEY"):
+            return None
+        files = [os.environ.get("CLEARML_CONFIG_FILE", ""), "~/clearml.conf", "~/.clearml.conf"]
+        if any(name and os.path.isfile(os.path.expanduser(name)) for name in files):
+            return None
+        return (
+            "ClearML has no server credentials (no clearml.conf, CLEARML_API_ACCESS_KEY unset): run "
+            "`clearml-init`, or set CLEARML_OFFLINE_MODE=1 to write offline sessions."
+        )
+
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any, **kwargs: Any) -> None:
         """Join the running task or create one (continuing it on resume); log hyperparameters and model config."""
         clearml = self.import_sdk()
