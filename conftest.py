@@ -72,11 +72,21 @@ def _offline_env(root: Path) -> dict[str, str]:
         "DAGSHUB_CLIENT_HOST": "http://127.0.0.1:9",
         "DAGSHUB_CLIENT_TOKENS_CACHE": str(root / "dagshub_tokens"),
         "DAGSHUB_QUIET": "1",
+        # clearml: offline sessions (and its session file) under the cache dir, not ~/.clearml
+        "CLEARML_OFFLINE_MODE": "1",
+        "CLEARML_CACHE_DIR": str(root / "clearml_cache"),
+        # codecarbon: quiet; the integration always uses the offline tracker (no geolocation lookup)
+        "CODECARBON_LOG_LEVEL": "error",
+        # flytekit: its import-time sandbox goes under TMPDIR (set above); no INFO chatter
+        "FLYTE_SDK_LOGGING_LEVEL": "40",
     }
 
 
 for _key, _value in _offline_env(_ROOT).items():
     os.environ[_key] = _value
+# AzureML: with none of its run variables set, Run.get_context() is the offline run that prints.
+for _key in [k for k in os.environ if k.startswith("AZUREML_")]:
+    del os.environ[_key]
 for _sub in ("home", "tmp", "mplconfig"):
     (_ROOT / _sub).mkdir(parents=True, exist_ok=True)
 tempfile.tempdir = None  # re-read TMPDIR

@@ -223,3 +223,12 @@ def test_state_dict_survives_json(info: IntegrationInfo) -> None:
     fresh: Any = cls()
     fresh.load_state_dict(saved)
     assert json.loads(json.dumps(fresh.state_dict())) == saved
+
+
+def test_every_documented_report_to_name_is_installed() -> None:
+    """Each ``report_to`` name of the protocol resolves to an installed epochal package in this workspace."""
+    missing = {name: dist for name, dist in KNOWN_INTEGRATIONS.items() if name not in INTEGRATIONS}
+    assert not missing, f"documented but not installed: {missing}"
+    for name, dist in KNOWN_INTEGRATIONS.items():
+        if name in INTEGRATIONS:
+            assert canonicalize_name(INTEGRATIONS[name].distribution) == dist, (name, INTEGRATIONS[name].distribution)

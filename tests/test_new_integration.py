@@ -29,13 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = "tools/new_integration.py"
 
 
-def copy_workspace(target: Path) -> Path:
-    """The root pyproject, the two tools, and each package's pyproject and ``__init__.py`` (the core's sources)."""
+def copy_workspace(target: Path, without: str | None = None) -> Path:
+    """The root pyproject, the two tools, and each package's pyproject and ``__init__.py`` (the core's sources).
+
+    ``without`` names a package left out (and unregistered), so it can be generated again.
+    """
     for relative in ("pyproject.toml", TOOL, "tools/sync_meta_package.py"):
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, target / relative)
+    if without is not None:
+        root = target / "pyproject.toml"
+        lines = root.read_text().splitlines(keepends=True)
+        root.write_text("".join(line for line in lines if not re.match(rf'\s*"?{re.escape(without)}"?[ ,=]', line)))
     for pyproject in ROOT.glob("packages/*/pyproject.toml"):
         folder = pyproject.parent
+        if folder.name == without:
+            continue
         module = folder.name.replace("-", "_")
         wanted = [pyproject, folder / "src" / module / "__init__.py"]
         if folder.name == "epochal-core":
@@ -142,7 +151,7 @@ def test_generator_refuses_inconsistent_names(tmp_path: Path, args: list[str], m
 
 def test_documented_names_are_the_defaults(tmp_path: Path) -> None:
     """``azureml`` gets report_to ``azure_ml`` from the core's known names; the class name is given."""
-    workspace = copy_workspace(tmp_path / "ws")
+    workspace = copy_workspace(tmp_path / "ws", without="epochal-azureml")
     done = generate(workspace, "azureml", "azureml.core", "--sdk-package", "azureml-core>=1.50",
                     "--class-name", "AzureMLCallback")
     assert done.returncode == 0, done.stderr

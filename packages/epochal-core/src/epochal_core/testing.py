@@ -8,7 +8,10 @@ read back what their SDK wrote and compare it with ``run.state.log_history``.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,17 @@ from .reporting import IntegrationFailure, Reporter
 from .state import TrainerState
 from .training_args import TrainingArguments
 
-__all__ = ["CrashAt", "ScriptedFailure", "ScriptedRun", "TinyRegressor", "scripted_run", "tiny_dataset", "tiny_model"]
+__all__ = [
+    "CrashAt",
+    "DropoutRegressor",
+    "ScriptedFailure",
+    "ScriptedRun",
+    "TinyRegressor",
+    "WaitAt",
+    "scripted_run",
+    "tiny_dataset",
+    "tiny_model",
+]
 
 
 class ScriptedFailure(RuntimeError):
@@ -66,6 +79,54 @@ class TinyRegressor(torch.nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the mean squared error of the prediction."""
         return torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
+
+
+class DropoutRegressor(TinyRegressor):
+    """:class:`TinyRegressor` with dropout on its input: every step draws from torch's global generator.
+
+    Its trained weights therefore change if anything reseeds or draws from that
+    generator during training (an SDK's ``torch.manual_seed``), which is what
+    tests of "the integration does not change the training" need to detect.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the mean squared error of the prediction from the input with half its features dropped."""
+        return super().forward(torch.nn.functional.dropout(x, 0.5, self.training), y)
+
+
+class WaitAt(TrainerCallback):
+    """At the end of step ``step``, waits until ``ready()`` is true, then optionally signals its own process.
+
+    Integrations start their tracker run on their reporter thread, a moment after
+    training began. Waiting for it makes sure the SDK's start happens *during*
+    training, so a test sees what it does to the running training (reseeding,
+    signal handlers); ``send`` then delivers a real signal (``signal.SIGTERM``)
+    while the SDK is live.
+
+    Args:
+        step: The global step to wait at.
+        ready: Returns true once the integration is up (polled every 10 ms).
+        send: Signal to send to this process after ``ready()``, if any.
+        timeout: Seconds to wait before raising ``TimeoutError``.
+    """
+
+    def __init__(self, step: int, ready: Callable[[], bool], send: int | None = None, timeout: float = 120.0) -> None:
+        self.step = step
+        self.ready = ready
+        self.send = send
+        self.timeout = timeout
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Wait for ``ready()`` at ``step``, then send ``send``."""
+        if state.global_step != self.step:
+            return
+        deadline = time.monotonic() + self.timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"WaitAt: not ready after {self.timeout} s at step {self.step}")
+            time.sleep(0.01)
+        if self.send is not None:
+            os.kill(os.getpid(), signal.Signals(self.send))
 
 
 def tiny_dataset(n: int = 32, seed: int = 0) -> torch.utils.data.TensorDataset:

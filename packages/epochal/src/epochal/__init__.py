@@ -12,9 +12,13 @@ Every name in the ``__all__`` of these packages is importable from here, the sam
 object as in its own package:
 
 - ``epochal_core`` (epochal-core)
+- ``epochal_azureml`` (epochal-azureml)
+- ``epochal_clearml`` (epochal-clearml)
+- ``epochal_codecarbon`` (epochal-codecarbon)
 - ``epochal_comet`` (epochal-comet)
 - ``epochal_dagshub`` (epochal-dagshub)
 - ``epochal_dvclive`` (epochal-dvclive)
+- ``epochal_flyte`` (epochal-flyte)
 - ``epochal_mlflow`` (epochal-mlflow)
 - ``epochal_neptune`` (epochal-neptune)
 - ``epochal_tensorboard`` (epochal-tensorboard)
@@ -32,6 +36,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from epochal_azureml import (
+        AzureMLCallback,
+    )
+    from epochal_clearml import (
+        ClearMLCallback,
+    )
+    from epochal_codecarbon import (
+        CodeCarbonCallback,
+    )
     from epochal_comet import (
         CometCallback,
     )
@@ -60,6 +73,9 @@ if TYPE_CHECKING:
     )
     from epochal_dvclive import (
         DVCLiveCallback,
+    )
+    from epochal_flyte import (
+        FlyteCallback,
     )
     from epochal_mlflow import (
         MLflowCallback,
@@ -97,9 +113,13 @@ _SOURCES: dict[str, str] = {
     "TrainerState": "epochal_core",
     "TrainingArguments": "epochal_core",
     "set_seed": "epochal_core",
+    "AzureMLCallback": "epochal_azureml",
+    "ClearMLCallback": "epochal_clearml",
+    "CodeCarbonCallback": "epochal_codecarbon",
     "CometCallback": "epochal_comet",
     "DagsHubCallback": "epochal_dagshub",
     "DVCLiveCallback": "epochal_dvclive",
+    "FlyteCallback": "epochal_flyte",
     "MLflowCallback": "epochal_mlflow",
     "NeptuneCallback": "epochal_neptune",
     "EventFileWriter": "epochal_tensorboard",
@@ -109,8 +129,11 @@ _SOURCES: dict[str, str] = {
 
 __all__ = [
     "EVENTS",
+    "AzureMLCallback",
     "CallbackHandler",
     "CheckpointError",
+    "ClearMLCallback",
+    "CodeCarbonCallback",
     "CometCallback",
     "DVCLiveCallback",
     "DagsHubCallback",
@@ -119,6 +142,7 @@ __all__ = [
     "EvalPrediction",
     "EventFileWriter",
     "ExportableState",
+    "FlyteCallback",
     "IntegrationCallback",
     "MLflowCallback",
     "NeptuneCallback",
