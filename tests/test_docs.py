@@ -252,3 +252,20 @@ def test_a_failing_block_names_its_markdown_line(tmp_path: Path) -> None:
     assert f'File "{path}", line 5' in str(exc.value)
     assert "ValueError: boom" in str(exc.value)
     assert notebook.failed == block.id
+
+
+def _relative_links(path: Path) -> list[tuple[int, str]]:
+    links = []
+    tokens = MarkdownIt("commonmark").parse(path.read_text(encoding="utf-8"))
+    for block in tokens:
+        for token in block.children or []:
+            href = str(token.attrs.get("href", "")) if token.type == "link_open" else ""
+            if href and not re.match(r"^[a-z][a-z0-9+.-]*:|^#", href):
+                links.append(((block.map or [0])[0] + 1, href.split("#", 1)[0]))
+    return links
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=[p.relative_to(ROOT).as_posix() for p in doc_files()])
+def test_relative_links_point_to_files_that_exist(path: Path) -> None:
+    broken = [f"line {line}: {href}" for line, href in _relative_links(path) if not (path.parent / href).exists()]
+    assert broken == [], f"{path.relative_to(ROOT)} links to missing files"
