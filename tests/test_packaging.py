@@ -487,6 +487,7 @@ class Venv:
         self.folder, self.cache, self.constraints = folder, cache, constraints
         _run_uv(["venv", "--quiet", "--python", sys.executable, str(folder)], cache)
         self.python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        self.baseline: set[str] = set()
 
     def install(self, *requirements: str | Path) -> None:
         _run_uv(["pip", "install", "--quiet", "--python", str(self.python), "--constraint", str(self.constraints),
@@ -510,6 +511,7 @@ def core_venv(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_con
               wheels: dict[str, Path]) -> Venv:
     venv = Venv(tmp_path_factory.mktemp("venvs") / "core", uv_cache, lock_constraints)
     venv.install(wheels[CORE])
+    venv.baseline = venv.distributions()  # before a test adds the plot extra
     return venv
 
 
@@ -518,8 +520,10 @@ def _workspace_sdks() -> set[str]:
 
 
 @pytest.mark.slow
-def test_core_alone_installs_no_tracker_sdk_and_trains(core_venv: Venv, tmp_path: Path) -> None:
-    installed = core_venv.distributions()
+def test_core_alone_installs_no_tracker_sdk_and_trains(
+    core_venv: Venv, tmp_path: Path, wheels: dict[str, Path]
+) -> None:
+    installed = core_venv.baseline
     assert {CORE, *CORE_DEPENDENCIES} <= installed
     assert not installed & (TRACKER_SDKS | _workspace_sdks()), sorted(installed & TRACKER_SDKS)
     assert {name for name in installed if name.startswith("epochal")} == {CORE}
@@ -530,6 +534,12 @@ def test_core_alone_installs_no_tracker_sdk_and_trains(core_venv: Venv, tmp_path
     assert "trained 4 ['DefaultFlowCallback', 'PrinterCallback']" in done.stdout, done.stdout
     assert str(core_venv.folder) in done.stdout.split()[-1], "the installed core ran"
 
+    # The plot extra: matplotlib only, and `python -m epochal_core plot` draws the run just made.
+    core_venv.install(f"epochal-core[plot] @ {wheels[CORE].as_uri()}")
+    assert "matplotlib" in core_venv.distributions() - installed
+    png = Path(core_venv.run("-m", "epochal_core", "plot", "out", cwd=tmp_path).stdout.strip())
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 @pytest.mark.slow
 def test_core_plus_dvclive_adds_that_sdk_only(
@@ -539,7 +549,7 @@ def test_core_plus_dvclive_adds_that_sdk_only(
     dvclive = ROOT / "packages" / "epochal-dvclive"
     venv = Venv(tmp_path_factory.mktemp("venvs") / "dvclive", uv_cache, lock_constraints)
     venv.install(wheels[CORE], wheels[dvclive.name])
-    added = venv.distributions() - core_venv.distributions()
+    added = venv.distributions() - core_venv.baseline
     assert {dvclive.name, *sdks_of(dvclive)} <= added
     assert {name for name in added if name.startswith("epochal")} == {dvclive.name}
     assert not added & (TRACKER_SDKS | _workspace_sdks()) - sdks_of(dvclive) - {"dvc"}, sorted(added)
