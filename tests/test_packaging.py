@@ -10,7 +10,6 @@ integrations, and the meta-package's with all of them.
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -353,8 +352,11 @@ def uv_cache() -> Path:
     session. uv writes into it only what it would write for ``uv sync``: the built
     epochal wheels and any index metadata it revalidates.
     """
-    home = pwd.getpwuid(os.getuid()).pw_dir  # the real one: the root conftest moved HOME
-    env = {**os.environ, "HOME": home}
+    env = dict(os.environ)
+    if os.name == "posix":  # the real home: the root conftest moved HOME
+        import pwd
+
+        env["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
     if "UV_CACHE_DIR" not in env:
         done = subprocess.run([_uv(), "cache", "dir"], env=env, capture_output=True, text=True, check=True, timeout=60)
         env["UV_CACHE_DIR"] = done.stdout.strip()
