@@ -338,19 +338,19 @@ def _uv_env(cache: Path) -> dict[str, str]:
     The root conftest points HTTP(S)_PROXY at a closed port (so no SDK can phone
     home) and HOME at a temp folder; uv is a separate process that must reach its
     package index to fetch hatchling and resolve, so only for uv the proxies are
-    removed, and its cache is a temp folder (unless UV_CACHE_DIR names one), never the real home.
+    removed. Its cache is ``cache`` (see the ``uv_cache`` fixture).
     """
     env = {k: v for k, v in os.environ.items() if k.upper() not in {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
     env.pop("VIRTUAL_ENV", None)
-    env.setdefault("UV_CACHE_DIR", str(cache))
+    env["UV_CACHE_DIR"] = str(cache)
     env["UV_NO_PROGRESS"] = "1"
     return env
 
 
 def _run_uv(args: list[str], cache: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("cwd", ROOT)
     done = subprocess.run(
-        [_uv(), *args], cwd=ROOT, env=_uv_env(cache), capture_output=True, text=True, check=False, timeout=300,
-        **kwargs,
+        [_uv(), *args], env=_uv_env(cache), capture_output=True, text=True, check=False, timeout=300, **kwargs,
     )
     if done.returncode != 0 and re.search(r"error sending request|dns error|Connection refused|timed out", done.stderr):
         pytest.skip(f"the package index is unreachable: {done.stderr.strip().splitlines()[-1]}")
@@ -359,16 +359,30 @@ def _run_uv(args: list[str], cache: Path, **kwargs: Any) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("uv-cache")
+def uv_cache() -> Path:
+    """The user's uv cache, the one ``uv sync`` filled for this workspace (``UV_CACHE_DIR`` if set).
+
+    A fresh virtual environment then gets torch and the SDKs from it as hard links, in
+    about a second; a temp cache would download gigabytes (torch's CUDA wheels) per
+    session. uv writes into it only what it would write for ``uv sync``: the built
+    epochal wheels and any index metadata it revalidates.
+    """
+    env = dict(os.environ)
+    if os.name == "posix":  # the real home: the root conftest moved HOME
+        import pwd
+
+        env["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
+    if "UV_CACHE_DIR" not in env:
+        done = subprocess.run([_uv(), "cache", "dir"], env=env, capture_output=True, text=True, check=True, timeout=60)
+        env["UV_CACHE_DIR"] = done.stdout.strip()
+    return Path(env["UV_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> dict[str, Path]:
     """Every workspace package built once as a wheel: distribution name -> file."""
     out = tmp_path_factory.mktemp("wheels")
-    for folder in PACKAGE_DIRS:
-        _run_uv(["build", "--wheel", "--package", folder.name, "--out-dir", str(out)], uv_cache)
+    _run_uv(["build", "--all-packages", "--wheel", "--out-dir", str(out)], uv_cache)
     built: dict[str, Path] = {canonicalize_name(p.name.split("-")[0]): p for p in out.glob("*.whl")}
     assert set(built) == {p.name for p in PACKAGE_DIRS}, sorted(built)
     return built
@@ -447,3 +461,172 @@ def test_meta_wheel_pins_every_package_and_resolves_with_their_wheels(
     assert {p.name for p in PACKAGE_DIRS} <= resolved
     for integration in INTEGRATION_DIRS:
         assert sdks_of(integration) <= resolved, f"{integration.name}'s SDK is missing"
+
+
+# -- the install stories: fresh virtual environments from the built wheels (slow) -------------------------
+#
+# Each story installs wheels into a new venv with `uv pip install`, pinned to the versions in uv.lock
+# (so every file comes from the uv cache), then runs Python there. Torch and the SDKs are hard links
+# from the cache: a venv with torch takes about a second on one file system.
+
+#: Tracker SDKs of transformers' integrations: none may come with the core, and an integration
+#: brings its own only.
+TRACKER_SDKS = {
+    "azureml-core", "clearml", "codecarbon", "comet-ml", "dagshub", "dvclive", "flytekit", "mlflow",
+    "mlflow-skinny", "neptune", "neptune-client", "tensorboard", "tensorboardx", "wandb",
+}
+
+_TINY_RUN = """
+import sys
+from epochal_core import Trainer, TrainingArguments
+from epochal_core.testing import TinyRegressor, tiny_dataset
+
+report_to = sys.argv[1].split(",") if len(sys.argv) > 1 else "all"
+args = TrainingArguments(output_dir="out", max_steps=4, logging_steps=2, save_steps=4, report_to=report_to,
+                         disable_tqdm=True)
+trainer = Trainer(model=TinyRegressor(), args=args, train_dataset=tiny_dataset(32))
+trainer.train()
+import epochal_core
+print("trained", trainer.state.global_step, sorted(type(cb).__name__ for cb in trainer.callback_handler.callbacks),
+      epochal_core.__file__)
+"""
+
+
+@pytest.fixture(scope="module")
+def lock_constraints(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> Path:
+    """Every third-party version of uv.lock as a constraints file."""
+    path = tmp_path_factory.mktemp("constraints") / "constraints.txt"
+    _run_uv(["export", "--frozen", "--no-hashes", "--no-emit-workspace", "--all-packages", "--no-dev",
+             "--no-header", "--no-annotate", "--quiet", "--output-file", str(path)], uv_cache)
+    return path
+
+
+class Venv:
+    """A fresh virtual environment of this interpreter, filled by ``uv pip install``."""
+
+    def __init__(self, folder: Path, cache: Path, constraints: Path) -> None:
+        self.folder, self.cache, self.constraints = folder, cache, constraints
+        _run_uv(["venv", "--quiet", "--python", sys.executable, str(folder)], cache)
+        self.python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        self.baseline: set[str] = set()
+
+    def install(self, *requirements: str | Path) -> None:
+        _run_uv(["pip", "install", "--quiet", "--python", str(self.python), "--constraint", str(self.constraints),
+                 *map(str, requirements)], self.cache)
+
+    def distributions(self) -> set[str]:
+        done = self.run("-c", "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))")
+        return {canonicalize_name(line) for line in done.stdout.split()}
+
+    def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        # The root conftest's environment (temp HOME, trackers offline, strict integrations) applies here too.
+        env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}}
+        done = subprocess.run([str(self.python), *args], cwd=cwd or self.folder, env=env, capture_output=True,
+                              text=True, check=False, timeout=300)
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+
+@pytest.fixture(scope="module")
+def core_venv(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path,
+              wheels: dict[str, Path]) -> Venv:
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "core", uv_cache, lock_constraints)
+    venv.install(wheels[CORE])
+    venv.baseline = venv.distributions()  # before a test adds the plot extra
+    return venv
+
+
+def _workspace_sdks() -> set[str]:
+    return set().union(*(sdks_of(folder) for folder in INTEGRATION_DIRS))
+
+
+@pytest.mark.slow
+def test_core_alone_installs_no_tracker_sdk_and_trains(
+    core_venv: Venv, tmp_path: Path, wheels: dict[str, Path]
+) -> None:
+    installed = core_venv.baseline
+    assert {CORE, *CORE_DEPENDENCIES} <= installed
+    assert not installed & (TRACKER_SDKS | _workspace_sdks()), sorted(installed & TRACKER_SDKS)
+    assert {name for name in installed if name.startswith("epochal")} == {CORE}
+    listing = core_venv.run("-m", "epochal_core", "integrations").stdout
+    assert all(line.endswith("not installed") for line in listing.splitlines()[1:]), listing
+
+    done = core_venv.run("-c", _TINY_RUN, cwd=tmp_path)  # report_to="all": nothing installed, nothing added
+    assert "trained 4 ['DefaultFlowCallback', 'PrinterCallback']" in done.stdout, done.stdout
+    assert str(core_venv.folder) in done.stdout.split()[-1], "the installed core ran"
+
+    # The plot extra: matplotlib only, and `python -m epochal_core plot` draws the run just made.
+    core_venv.install(f"epochal-core[plot] @ {wheels[CORE].as_uri()}")
+    assert "matplotlib" in core_venv.distributions() - installed
+    png = Path(core_venv.run("-m", "epochal_core", "plot", "out", cwd=tmp_path).stdout.strip())
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_core_plus_dvclive_adds_that_sdk_only(
+    core_venv: Venv, tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path,
+    wheels: dict[str, Path], tmp_path: Path,
+) -> None:
+    dvclive = ROOT / "packages" / "epochal-dvclive"
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "dvclive", uv_cache, lock_constraints)
+    venv.install(wheels[CORE], wheels[dvclive.name])
+    added = venv.distributions() - core_venv.baseline
+    assert {dvclive.name, *sdks_of(dvclive)} <= added
+    assert {name for name in added if name.startswith("epochal")} == {dvclive.name}
+    assert not added & (TRACKER_SDKS | _workspace_sdks()) - sdks_of(dvclive) - {"dvc"}, sorted(added)
+
+    done = venv.run("-c", _TINY_RUN, "dvclive", cwd=tmp_path)
+    assert "DVCLiveCallback" in done.stdout, done.stdout
+    steps = (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in steps[1:]] == ["2", "4"], steps
+
+
+@pytest.mark.slow
+def test_meta_package_installs_everything_and_re_exports_it(
+    tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path, wheels: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "meta", uv_cache, lock_constraints)
+    venv.install(*wheels.values())
+    installed = venv.distributions()
+    assert {p.name for p in PACKAGE_DIRS} | _workspace_sdks() <= installed
+    done = venv.run("-c", (
+        "from epochal import Trainer, TensorBoardCallback\n"
+        "import epochal_core, epochal_tensorboard\n"
+        "assert Trainer is epochal_core.Trainer and TensorBoardCallback is epochal_tensorboard.TensorBoardCallback\n"
+        "print('ok', epochal_core.__file__)\n"
+    ), cwd=tmp_path)
+    assert done.stdout.startswith("ok ") and str(venv.folder) in done.stdout
+    listing = venv.run("-m", "epochal_core", "integrations").stdout
+    for folder in INTEGRATION_DIRS:
+        assert any(f" {folder.name} " in line and "not installed" not in line for line in listing.splitlines()), listing
+
+
+_VENDORED_RUN = """
+import importlib.metadata, sys
+from pathlib import Path
+import epochal_core
+assert Path(epochal_core.__file__).parent == Path.cwd() / "epochal_core", epochal_core.__file__
+try:
+    importlib.metadata.distribution("epochal-core")
+    sys.exit("epochal-core is installed: this is not a vendored copy")
+except importlib.metadata.PackageNotFoundError:
+    pass
+""" + _TINY_RUN
+
+
+@pytest.mark.slow
+def test_vendored_core_trains_in_a_bare_project(
+    tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path, tmp_path: Path,
+) -> None:
+    """Copy ``src/epochal_core`` into a project whose venv has only torch, tqdm and typing-extensions."""
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "bare", uv_cache, lock_constraints)
+    venv.install(*sorted(CORE_DEPENDENCIES))
+    assert not {name for name in venv.distributions() if name.startswith("epochal")}
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "packages" / CORE / "src" / "epochal_core", project / "epochal_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "train.py").write_text(_VENDORED_RUN)
+    done = venv.run("train.py", cwd=project)
+    assert "trained 4 ['DefaultFlowCallback', 'PrinterCallback']" in done.stdout, done.stdout
+    assert (project / "out" / "checkpoint-4" / "COMPLETE").is_file()
