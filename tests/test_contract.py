@@ -22,7 +22,7 @@ from typing import Any
 import epochal_core
 import pytest
 from epochal_core import EVENTS, TrainerCallback
-from epochal_core.report_to import KNOWN_INTEGRATIONS, IntegrationInfo, available_integrations
+from epochal_core.discovery import KNOWN_INTEGRATIONS, IntegrationInfo, available_integrations
 from epochal_core.testing import scripted_run
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -161,7 +161,7 @@ def test_constructs_with_no_arguments_and_no_side_effects(info: IntegrationInfo,
 
 _FRESH_PROCESS = """
 import json, os, sys, threading
-from epochal_core.report_to import available_integrations
+from epochal_core.discovery import available_integrations
 info = available_integrations()[sys.argv[1]]
 threads = threading.active_count()
 callback = info.load()()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from epochal_core.report_to import KNOWN_INTEGRATIONS
+from epochal_core.discovery import KNOWN_INTEGRATIONS
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

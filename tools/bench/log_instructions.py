@@ -41,7 +41,7 @@ def child(variant: str, logs: int) -> None:
     from epochal_core.flow import DefaultFlowCallback
     from epochal_core.handler import CallbackHandler
     from epochal_core.progress import PrinterCallback
-    from epochal_core.reporting import Reporter
+    from epochal_core.background import Reporter
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 

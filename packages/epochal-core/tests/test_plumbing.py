@@ -7,7 +7,7 @@ import threading
 import epochal_core
 import pytest
 from epochal_core import IntegrationCallback, Trainer, TrainerCallback, TrainingArguments
-from epochal_core.report_to import resolve_report_to
+from epochal_core.discovery import resolve_report_to
 from helpers_core import DictDataset, TinyRegressor
 
 
@@ -104,7 +104,7 @@ def test_full_queue_makes_training_wait_and_drops_nothing(tmp_path, caplog):
 
 
 def test_reporter_rejects_an_empty_queue():
-    from epochal_core.reporting import Reporter
+    from epochal_core.background import Reporter
 
     with pytest.raises(ValueError, match=r"capacity=0.*at least 1"):
         Reporter(Collecting(), "collecting", capacity=0)
@@ -171,7 +171,7 @@ logging.basicConfig(level=logging.WARNING)
 sys.path.insert(0, {tests!r})
 from helpers_core import DictDataset, TinyRegressor
 from epochal_core import Trainer, TrainingArguments
-from epochal_core.report_to import available_integrations
+from epochal_core.discovery import available_integrations
 import thirdparty_cb
 print("names", sorted(available_integrations()))
 args = TrainingArguments(output_dir={out!r}, report_to={report_to!r}, max_steps=3, logging_steps=1,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import epochal
 import pytest
-from epochal_core.report_to import available_integrations
+from epochal_core.discovery import available_integrations
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .report_to import KNOWN_INTEGRATIONS, available_integrations
+from .discovery import KNOWN_INTEGRATIONS, available_integrations
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from .checkpoint import atomic_checkpoint, collect_callback_states
 from .control import TrainerControl
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
-from .reporting import IntegrationFailure, Reporter
+from .background import IntegrationFailure, Reporter
 from .state import TrainerState
 from .training_args import TrainingArguments
 

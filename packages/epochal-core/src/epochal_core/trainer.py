@@ -36,8 +36,8 @@ from .integrations import IntegrationCallback
 from .log_history import LogHistoryStore
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
-from .report_to import resolve_report_to
-from .reporting import IntegrationFailure, Reporter
+from .discovery import resolve_report_to
+from .background import IntegrationFailure, Reporter
 from .schedules import get_scheduler
 from .state import TrainerState
 from .training_args import TrainingArguments
