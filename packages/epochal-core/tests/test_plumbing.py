@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import epochal_core
 import pytest
@@ -78,15 +79,13 @@ def test_slow_integration_does_not_block_training(tmp_path):
 
 
 def test_full_queue_makes_training_wait_and_drops_nothing(tmp_path, caplog):
-    """Capacity 3, a tracker slower than the loop: the backlog never passes 3, every log arrives in order."""
-    tracker = Collecting()
-    slow_log = tracker.log_metrics
+    """Capacity 3, a tracker held until the queue is full: training waits, nothing passes 3, every log arrives.
 
-    def log_metrics(metrics, step, state):
-        threading.Event().wait(0.002)
-        slow_log(metrics, step, state)
-
-    tracker.log_metrics = log_metrics
+    No sleep: a watcher thread polls (with a wide deadline) until the queue is full, which can only
+    last while training waits for room, and only then lets the tracker go on.
+    """
+    gate = threading.Event()
+    tracker = Collecting(gate=gate)
     backlogs = []
 
     class WatchBacklog(TrainerCallback):
@@ -95,11 +94,25 @@ def test_full_queue_makes_training_wait_and_drops_nothing(tmp_path, caplog):
 
     args = make_args(tmp_path, max_steps=40)
     trainer = Trainer(TinyRegressor(), args, train_dataset=DictDataset(), callbacks=[tracker, WatchBacklog()])
-    trainer._reporters[0].capacity = 3
+    reporter = trainer._reporters[0]
+    reporter.capacity = 3
+    seen_full = []
+
+    def release_when_full():
+        deadline = time.monotonic() + 60
+        while reporter.backlog < reporter.capacity and time.monotonic() < deadline:
+            threading.Event().wait(0.001)  # polling interval, not a wait for an outcome
+        seen_full.append(reporter.backlog)
+        gate.set()
+
+    watcher = threading.Thread(target=release_when_full)
+    watcher.start()
     with caplog.at_level(logging.WARNING):
         trainer.train()
+    watcher.join()
+    assert seen_full == [3]  # it filled up while the tracker was held
     assert [step for step, _ in tracker.logged] == [*range(1, 41), 40]
-    assert max(backlogs) <= 3 and max(backlogs) >= 2  # it filled up, and never past its capacity
+    assert max(backlogs) <= 3  # never past its capacity
     assert caplog.text.count("queue of 3 events is full") == 1
 
 
@@ -156,6 +169,7 @@ class Plain(TrainerCallback):
     logs = []
     def on_log(self, args, state, control, logs=None, **kwargs):
         import threading
+import time
         Plain.logs.append((state.global_step, threading.current_thread().name))
 
 class NeedsLogin(IntegrationCallback):

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from epochal_core import (
         EVENTS,
         CallbackHandler,
+        CheckpointChanged,
         CheckpointError,
         DefaultFlowCallback,
         EarlyStoppingCallback,
@@ -69,6 +70,7 @@ __version__ = "0.1.0"
 _SOURCES: dict[str, str] = {
     "EVENTS": "epochal_core",
     "CallbackHandler": "epochal_core",
+    "CheckpointChanged": "epochal_core",
     "CheckpointError": "epochal_core",
     "DefaultFlowCallback": "epochal_core",
     "EarlyStoppingCallback": "epochal_core",
@@ -95,6 +97,7 @@ _SOURCES: dict[str, str] = {
 __all__ = [
     "EVENTS",
     "CallbackHandler",
+    "CheckpointChanged",
     "CheckpointError",
     "CometCallback",
     "DVCLiveCallback",
