@@ -405,3 +405,16 @@ def test_deferred_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
         fsync.submit(pipe)
         raise KeyError("boom")
     assert pipe.closed
+
+
+def test_checksum_of_large_and_small_chunks_matches_the_file(tmp_path):
+    """Tensors above the overlap threshold are hashed on the helper thread; the digest is still the file's."""
+    import hashlib
+
+    from epochal_core.checkpoint import save_file
+
+    state = {"big": torch.arange(600_000, dtype=torch.float32), "small": torch.ones(3), "step": 7}  # 2.4 MB + bytes
+    entry = save_file(state, tmp_path / "state.pt")
+    data = (tmp_path / "state.pt").read_bytes()
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert torch.equal(torch.load(tmp_path / "state.pt", weights_only=True)["big"], state["big"])

@@ -35,6 +35,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -162,8 +163,25 @@ def finish_file(file: IO[Any], fsync: DeferredFsync | None) -> None:
         _fsync_and_close(file)
 
 
+#: Chunks at least this large are hashed on a helper thread while the training thread writes them.
+_OVERLAP_BYTES = 1 << 20
+_hasher: ThreadPoolExecutor | None = None
+
+
+def _hash_thread() -> ThreadPoolExecutor:
+    global _hasher
+    if _hasher is None:  # created on the first large save, not at import
+        _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochal-checksum")
+    return _hasher
+
+
 class _HashingWriter:
-    """A write-only binary file that feeds every byte written through it to a SHA-256."""
+    """A write-only binary file that feeds every byte written through it to a SHA-256.
+
+    A large chunk (a tensor's storage) is hashed on a helper thread while this thread
+    copies it into the file: both release the GIL, so the checksum costs about
+    nothing beyond the write. The chunk is hashed before :meth:`write` returns, in order.
+    """
 
     def __init__(self, file: IO[bytes]) -> None:
         self.file = file
@@ -171,9 +189,16 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, data: Any) -> int:
-        self.digest.update(data)
-        self.size += len(memoryview(data).cast("B"))
-        return self.file.write(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        if size < _OVERLAP_BYTES:
+            self.digest.update(data)
+            return self.file.write(data)
+        hashed = _hash_thread().submit(self.digest.update, data)
+        try:
+            return self.file.write(data)
+        finally:
+            hashed.result()
 
     def flush(self) -> None:
         self.file.flush()
