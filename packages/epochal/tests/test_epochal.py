@@ -16,8 +16,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[3]
+#: The packages the meta-package re-exports: all but the workspace-only demo (tools/sync_meta_package.py).
 WORKSPACE_MODULES = sorted(
-    folder.name.replace("-", "_") for folder in ROOT.glob("packages/epochal-*") if (folder / "pyproject.toml").is_file()
+    folder.name.replace("-", "_") for folder in ROOT.glob("packages/epochal-*")
+    if (folder / "pyproject.toml").is_file() and folder.name != "epochal-demo"
 )
 
 
