@@ -169,7 +169,6 @@ class Plain(TrainerCallback):
     logs = []
     def on_log(self, args, state, control, logs=None, **kwargs):
         import threading
-import time
         Plain.logs.append((state.global_step, threading.current_thread().name))
 
 class NeedsLogin(IntegrationCallback):

@@ -364,3 +364,18 @@ def test_scripted_run_emits_the_real_trainers_events_in_order(tmp_path, max_step
     trainer.train()
     assert scripted.events == [event for event, _ in recorder.events]
     assert [h["step"] for h in scripted.state.log_history] == [h["step"] for h in trainer.state.log_history]
+
+
+def test_training_plan_counts_updates_epochs_and_the_resume_position(tmp_path):
+    from epochal_core.training_plan import plan_training
+
+    plan = plan_training(make_args(tmp_path, gradient_accumulation_steps=3, num_train_epochs=2), 10)
+    assert (plan.updates_per_epoch, plan.max_steps, plan.num_train_epochs) == (4, 8, 2)  # 3+3+3+1 batches
+    assert plan.resume_position(5, ignore_data_skip=False) == (1, 3)  # epoch 1, one update (3 batches) in
+    assert plan.resume_position(5, ignore_data_skip=True) == (1, 0)
+    stream = plan_training(make_args(tmp_path, max_steps=7), None)
+    assert (stream.sized, stream.batches_per_epoch, stream.updates_per_epoch) == (False, 7, 7)
+    with pytest.raises(ValueError, match=r"max_steps=-1 is invalid: the train_dataset has no length"):
+        plan_training(make_args(tmp_path), None)
+    with pytest.raises(ValueError, match="yields no batch"):
+        plan_training(make_args(tmp_path), 0)

@@ -35,7 +35,7 @@ from .checkpoint import (
 from .control import TrainerControl
 from .distributed import barrier
 from .log_history import LogHistoryStore
-from .state import TrainerState
+from .state import TRAINER_STATE_NAME, TrainerState
 from .training_args import TrainingArguments
 
 __all__ = [
@@ -60,7 +60,6 @@ OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 SCALER_NAME = "scaler.pt"
 TRAINING_ARGS_NAME = "training_args.json"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
