@@ -464,9 +464,7 @@ def epochal_trainer(
         disable_tqdm=not tqdm,
         use_cpu=device == "cpu",
         seed=0,
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        **extra,
+        **{"lr_scheduler_type": "linear", "weight_decay": 0.0, **extra},
     )
     return Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, sched), callbacks=callbacks)
 
