@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from epochal_core.report_to import KNOWN_INTEGRATIONS
+from epochal_core.discovery import KNOWN_INTEGRATIONS
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -40,11 +40,15 @@ CORE_DEPENDENCIES = {"torch", "typing-extensions", "tqdm"}
 META = "epochal"
 #: The one integration that may build on another (DESIGN.md section 2): its distribution -> the base's.
 BUILDS_ON = {"epochal-dagshub": "epochal-mlflow"}
+#: Workspace-only: installed by `uv run` from the root, never published nor part of the meta-package.
+DEMO = "epochal-demo"
 #: Distribution -> report_to name, where it is not the distribution's word (epochal-comet: "comet_ml").
 KNOWN_NAMES = {dist: name for name, dist in KNOWN_INTEGRATIONS.items()}
 
 PACKAGE_DIRS = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
-INTEGRATION_DIRS = [p for p in PACKAGE_DIRS if p.name.startswith("epochal-") and p.name != CORE]
+INTEGRATION_DIRS = [p for p in PACKAGE_DIRS if p.name.startswith("epochal-") and p.name not in (CORE, DEMO)]
+#: What the meta-package pins: every package but itself and the workspace-only demo.
+META_MEMBERS = {p.name for p in PACKAGE_DIRS if p.name not in (META, DEMO)}
 
 
 def load(folder: Path) -> dict[str, Any]:
@@ -117,7 +121,19 @@ def test_meta_package_pins_every_package() -> None:
     meta = ROOT / "packages" / META
     version = project(meta)["version"]
     pins = {canonicalize_name(r.name): str(r.specifier) for r in dependencies(meta)}
-    assert pins == {p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta}
+    assert pins == {name: f"=={version}" for name in META_MEMBERS}
+
+
+def test_demo_is_workspace_only() -> None:
+    """The demo: installed by ``uv run`` from the root, absent from the meta-package and from the core."""
+    root = load(ROOT)
+    assert DEMO in {canonicalize_name(Requirement(r).name) for r in root["project"]["dependencies"]}
+    assert project(ROOT / "packages" / DEMO)["scripts"] == {"epochal-demo": "epochal_demo.demo:main"}
+    assert DEMO not in {canonicalize_name(r.name) for r in dependencies(ROOT / "packages" / META)}
+    core = ROOT / "packages" / CORE
+    assert "scripts" not in project(core)
+    # Vendoring the core (copying its folder) copies no demo.
+    assert not [p for p in (core / "src").rglob("*.py") if "demo" in p.read_text(encoding="utf-8").lower()]
 
 
 def test_same_python_requirement_everywhere() -> None:
@@ -451,7 +467,7 @@ def test_meta_wheel_pins_every_package_and_resolves_with_their_wheels(
     version = project(meta)["version"]
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
     assert {canonicalize_name(r.name): str(r.specifier) for r in requires} == {
-        p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta
+        name: f"=={version}" for name in META_MEMBERS
     }
     assert points == "", "the meta-package registers nothing (each integration registers itself)"
     with zipfile.ZipFile(wheels[META]) as zf:

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import epochal
 import pytest
-from epochal_core.report_to import available_integrations
+from epochal_core.discovery import available_integrations
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[3]
+#: The packages the meta-package re-exports: all but the workspace-only demo (tools/sync_meta_package.py).
 WORKSPACE_MODULES = sorted(
-    folder.name.replace("-", "_") for folder in ROOT.glob("packages/epochal-*") if (folder / "pyproject.toml").is_file()
+    folder.name.replace("-", "_") for folder in ROOT.glob("packages/epochal-*")
+    if (folder / "pyproject.toml").is_file() and folder.name != "epochal-demo"
 )
 
 

@@ -15,7 +15,7 @@ import sys
 
 
 def _list_integrations() -> int:
-    from .report_to import KNOWN_INTEGRATIONS, available_integrations
+    from .discovery import KNOWN_INTEGRATIONS, available_integrations
 
     found = available_integrations()
     rows = [("report_to", "distribution", "version", "sdk")]

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .callback import TrainerCallback
-from .report_to import install_hint
+from .discovery import install_hint
 
 if TYPE_CHECKING:
     from .control import TrainerControl
@@ -146,7 +146,7 @@ class IntegrationCallback(TrainerCallback):
     rewrite_keys: ClassVar[bool] = True
     #: When the event being handled was emitted on the training thread (``time.time()``), or ``None``
     #: when it runs there now. epochal's reporter runs queued events up to
-    #: :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds later and sets this before each
+    #: :data:`~epochal_core.background.BATCH_INTERVAL` seconds later and sets this before each
     #: one, so a tracker that accepts a timestamp records when the log happened.
     event_time: float | None = None
     #: Whether the run being set up continues a tracker run restored from a checkpoint
@@ -220,7 +220,7 @@ class IntegrationCallback(TrainerCallback):
         """Write out what the integration buffered; epochal's reporter calls it after each batch of events.
 
         The reporter runs queued events in batches (at most
-        :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds apart while events
+        :data:`~epochal_core.background.BATCH_INTERVAL` seconds apart while events
         arrive) and calls this after each batch, on its thread, and after each
         event it runs on the training thread. Buffering writes until then costs one
         system call per batch instead of one per log. Default: nothing.

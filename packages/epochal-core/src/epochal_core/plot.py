@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report_to import install_hint
+from .discovery import install_hint
 from .state import TRAINER_STATE_NAME, TrainerState
 
 __all__ = ["DEFAULT_FILE_NAME", "DEFAULT_SIZE", "RunHistory", "plot_log_history", "plot_run", "read_log_history"]

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from epochal_core import (
         EVENTS,
         CallbackHandler,
+        CheckpointChanged,
         CheckpointError,
         DefaultFlowCallback,
         EarlyStoppingCallback,
@@ -97,6 +98,7 @@ __version__ = "0.1.0"
 _SOURCES: dict[str, str] = {
     "EVENTS": "epochal_core",
     "CallbackHandler": "epochal_core",
+    "CheckpointChanged": "epochal_core",
     "CheckpointError": "epochal_core",
     "DefaultFlowCallback": "epochal_core",
     "EarlyStoppingCallback": "epochal_core",
@@ -131,6 +133,7 @@ __all__ = [
     "EVENTS",
     "AzureMLCallback",
     "CallbackHandler",
+    "CheckpointChanged",
     "CheckpointError",
     "ClearMLCallback",
     "CodeCarbonCallback",
