@@ -50,8 +50,16 @@ def requirements(info: IntegrationInfo) -> list[Requirement]:
     return [r for r in reqs if r.marker is None or "extra" not in str(r.marker)]
 
 
+#: Packages an integration may require beside its SDK because the SDK picks them up when installed.
+SDK_COMPANIONS = {
+    "tensorboard": {"crc32c"},  # tensorboardX's native CRC-32C (issue 16); pure Python without it
+}
+
+
 def sdk_requirements(info: IntegrationInfo) -> list[Requirement]:
-    return [r for r in requirements(info) if canonicalize_name(r.name) != "epochal-core"]
+    companions = SDK_COMPANIONS.get(info.name, set())
+    return [r for r in requirements(info) if canonicalize_name(r.name) != "epochal-core"
+            and canonicalize_name(r.name) not in companions]
 
 
 def sdk_modules(info: IntegrationInfo) -> set[str]:

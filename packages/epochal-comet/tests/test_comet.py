@@ -96,11 +96,11 @@ def test_scripted_run_metrics_and_parameters_round_trip(offline_dir: Path, tmp_p
     assert sorted(got) == sorted(expected_metrics(run.state.log_history))
     assert not any(name == "train/hist" for name, *_ in got)  # non-scalar dropped
     params = archive.params()
-    assert params["args_output_dir"] == str(out)
-    assert params["args_max_steps"] == 10
-    assert params["args_logging_steps"] == 2
-    assert params["config_hidden_size"] == 8
-    assert params["config_activation"] == "relu"
+    assert params["args|output_dir"] == str(out)
+    assert params["args|max_steps"] == 10
+    assert params["args|logging_steps"] == 2
+    assert params["config|hidden_size"] == 8
+    assert params["config|activation"] == "relu"
     others = archive.others()
     assert others["Name"] == "scripted-run"
     assert others["status"] == "finished"
@@ -126,8 +126,8 @@ def test_trainer_run_matches_log_history(offline_dir: Path, tmp_path: Path) -> N
 
     first, second = archives(offline_dir)
     assert sorted(first.metrics()) == sorted(expected_metrics(trainer.state.log_history))
-    assert first.params()["args_run_name"] == "tiny"
-    assert first.params()["config_in_features"] == 4
+    assert first.params()["args|run_name"] == "tiny"
+    assert first.params()["config|in_features"] == 4
     # predict() after train() reopens the same experiment for the test metrics
     assert first.meta["offline_id"] == second.meta["offline_id"] == callback.run_id
     assert second.meta["resume_strategy"] == "get"

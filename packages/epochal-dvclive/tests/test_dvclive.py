@@ -68,9 +68,9 @@ def test_scripted_run_writes_every_log_at_global_step(tmp_path: Path) -> None:
     assert (live_dir / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
     assert (live_dir / "plots" / "metrics" / "train" / "runtime.tsv").is_file()
     params = yaml.safe_load((live_dir / "params.yaml").read_text())
-    assert params["args"]["max_steps"] == 10
-    assert params["args"]["run_name"] == "scripted-run"
-    assert params["model"] == {"hidden_size": 8, "num_layers": 2, "activation": "relu"}
+    assert params["max_steps"] == 10
+    assert params["run_name"] == "scripted-run"
+    assert params["config"] == {"hidden_size": 8, "num_layers": 2, "activation": "relu"}
     summary = json.loads((live_dir / "metrics.json").read_text())
     assert summary["step"] == 10
     assert summary["eval"]["loss"] == run.state.log_history[-2]["eval_loss"]
@@ -89,8 +89,8 @@ def test_trainer_run_rows_match_log_history(tmp_path: Path) -> None:
     assert_rows_match(tmp_path / "out" / "dvclive", trainer.state.log_history)
     assert [step for step, _ in read_rows(tmp_path / "out" / "dvclive")["loss"]] == [1, 2, 3, 4, 5, 6]
     params = yaml.safe_load((tmp_path / "out" / "dvclive" / "params.yaml").read_text())
-    assert params["args"]["learning_rate"] == 0.05
-    assert params["model"] == {"in_features": 4, "note": None}
+    assert params["learning_rate"] == 0.05
+    assert params["config"] == {"in_features": 4, "note": None}
 
 
 def test_resume_continues_the_run_without_duplicate_rows(tmp_path: Path) -> None:

@@ -59,7 +59,6 @@ if TYPE_CHECKING:
         NeptuneCallback,
     )
     from epochal_tensorboard import (
-        EventFileWriter,
         TensorBoardCallback,
     )
 
@@ -88,7 +87,6 @@ _SOURCES: dict[str, str] = {
     "CometCallback": "epochal_comet",
     "DVCLiveCallback": "epochal_dvclive",
     "NeptuneCallback": "epochal_neptune",
-    "EventFileWriter": "epochal_tensorboard",
     "TensorBoardCallback": "epochal_tensorboard",
 }
 
@@ -101,7 +99,6 @@ __all__ = [
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
-    "EventFileWriter",
     "ExportableState",
     "IntegrationCallback",
     "NeptuneCallback",
