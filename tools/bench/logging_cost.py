@@ -20,6 +20,7 @@ drained), rotated every round:
                      log above the bar (epochal only)
   console off        the same, PrinterCallback removed (epochal only): what printing
                      a line per log costs
+  every 10 steps     logging_steps=10, the realistic setting (epochal only)
 
 "wall" is the training loop's steady steps/s (what the loop loses on this
 2-core machine, the integration's threads running beside it); "cpu" is steps per
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         ("log every step, console off", lambda w: run_epochal(w, data.dicts, console=False, logging_steps=1)),
         ("log every step + tensorboard, console off",
          lambda w: run_epochal(w, data.dicts, console=False, logging_steps=1, report_to=["tensorboard"])),
+        ("log every 10 steps", lambda w: run_epochal(w, data.dicts, logging_steps=10)),
+        ("log every 10 steps + tensorboard",
+         lambda w: run_epochal(w, data.dicts, logging_steps=10, report_to=["tensorboard"])),
     ])]
     if ns.only:
         known = {name for name, _ in groups[0][1]}

@@ -175,7 +175,7 @@ class TensorBoardCallback(IntegrationCallback):
         experiment, session_start, _ = tbx.summary.hparams(hparams, {})
         self._write(experiment, step)
         self._write(session_start, step)
-        self.event_writer.flush()
+        self.end_batch()  # the run's configuration reaches the file before the first log
 
     def log_values(self, names: tuple[str, ...], values: Iterable[float | int], step: int,
                    state: TrainerState) -> None:
