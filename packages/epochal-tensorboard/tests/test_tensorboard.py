@@ -187,9 +187,9 @@ def test_the_built_in_writer_runs_on_the_reporter_thread(tmp_path: Path) -> None
     seen: set[str] = set()
 
     class Spy(TensorBoardCallback):
-        def log_values(self, names: Any, values: Any, step: int, state: TrainerState) -> None:
+        def log_metrics(self, metrics: Any, step: int, state: TrainerState) -> None:
             seen.add(threading.current_thread().name)
-            super().log_values(names, values, step, state)
+            super().log_metrics(metrics, step, state)
 
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", report_to="none"),
                       train_dataset=tiny_dataset(), callbacks=[Spy()])

@@ -42,7 +42,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -177,23 +176,15 @@ class TensorBoardCallback(IntegrationCallback):
         self._write(session_start, step)
         self.end_batch()  # the run's configuration reaches the file before the first log
 
-    def log_values(self, names: tuple[str, ...], values: Iterable[float | int], step: int,
-                   state: TrainerState) -> None:
-        """Write a log of numbers as one event at ``step`` (no dict in between)."""
-        if self.event_writer is None:
-            super().log_values(names, values, step, state)
-            return
-        event = self._tbx.event.Event(wall_time=self.event_time or time.time(), step=step)
-        add = event.summary.value.add
-        for name, value in zip(names, values):
-            add(tag=_clean_tag(name), simple_value=value)
-        self.event_writer.write_event(event)
-        self._pending = True
-
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
-        """Write every metric at ``step`` (one event with the built-in writer)."""
+        """Write every metric at ``step`` (one event holding them all with the built-in writer)."""
         if self.event_writer is not None:
-            self.log_values(tuple(metrics), metrics.values(), step, state)
+            event = self._tbx.event.Event(wall_time=self.event_time or time.time(), step=step)
+            add = event.summary.value.add
+            for tag, value in metrics.items():
+                add(tag=_clean_tag(tag), simple_value=value)
+            self.event_writer.write_event(event)
+            self._pending = True
             return
         writer = self._user_writer()
         stamp = {"walltime": self.event_time} if self._walltime_kwarg else {}
