@@ -170,7 +170,7 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
     emitted = iter(1_600_000_000.0 + 10 * i for i in range(1000))  # the reporter's clock only, not the writer's
     monkeypatch.setattr(epochal_core.reporting, "_now", lambda: next(emitted))
     callback = TensorBoardCallback(SummaryWriter(log_dir=str(tmp_path / "mine")))
-    assert not getattr(callback, "run_inline", False)
+    assert not callback.run_inline  # a writer passed in is queued (the built-in one runs inline)
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", save_strategy="no", report_to="none"),
                       train_dataset=tiny_dataset(), callbacks=[callback])
     trainer.train()
@@ -180,21 +180,28 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
     assert times == sorted(times) and len(set(times)) == 6
 
 
-def test_the_built_in_writer_runs_on_the_reporter_thread(tmp_path: Path) -> None:
-    """Every log is written on epochal's reporter thread, never on the training thread."""
+def test_the_built_in_writer_writes_every_record_on_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training thread only queues; tensorboardX's EventsWriter is called from the writer's thread alone."""
     import threading
 
-    seen: set[str] = set()
+    from tensorboardX.event_file_writer import EventsWriter
 
-    class Spy(TensorBoardCallback):
-        def log_metrics(self, metrics: Any, step: int, state: TrainerState) -> None:
-            seen.add(threading.current_thread().name)
-            super().log_metrics(metrics, step, state)
+    writers: list[str] = []
+    write_event = EventsWriter.write_event
 
+    def spy(self: Any, event: Any) -> Any:
+        writers.append(threading.current_thread().name)
+        return write_event(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", spy)
+    callback = TensorBoardCallback()
+    assert callback.run_inline  # a log is an append on the training thread
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", report_to="none"),
-                      train_dataset=tiny_dataset(), callbacks=[Spy()])
+                      train_dataset=tiny_dataset(), callbacks=[callback])
     trainer.train()
-    assert seen and threading.main_thread().name not in seen
+    assert len(writers) > 6 and set(writers) == {"epochal-tensorboard-writer"}
     assert_same_scalars(read_scalars(tmp_path / "out" / "runs"), expected_scalars(trainer.state.log_history))
 
 
@@ -210,7 +217,7 @@ def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
     class Peek(TrainerCallback):
         def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
             if state.global_step == 3:  # before step 3's log: steps 1 and 2 were logged
-                # Training waits here, so no further log comes: the reporter's own wake-up
+                # Training waits here, so no further log comes: the writer's own wake-up
                 # (every 0.2 s) must hand them to the file. Polled, with a bound far above that.
                 deadline = time.monotonic() + 30
                 while len(seen) < 2 and time.monotonic() < deadline:
@@ -330,6 +337,8 @@ class DiskFullAt(TensorBoardCallback):
 
     def on_log(self, args: Any, state: TrainerState, control: Any, logs: Any = None, **kwargs: Any) -> Any:
         if state.global_step == self.step and self.filled is None:
+            assert self.event_writer is not None
+            self.event_writer.write_out()  # the writer's thread has opened the file and written what came before
             self.filled = fill_disk_under(Path(self.log_dir or ""))
         return super().on_log(args, state, control, logs, **kwargs)
 
@@ -344,7 +353,7 @@ class DiskFullAt(TensorBoardCallback):
         os.close(saved)
         if self.event_writer is not None:
             with contextlib.suppress(OSError):
-                self.event_writer.close()
+                self.event_writer.close()  # re-raises the writer's error
 
 
 @pytest.fixture
@@ -366,10 +375,10 @@ def test_disk_full_mid_run_disables_the_integration(
     assert disk_full.filled is not None
     assert len(run.failures) == 1
     failure = run.failures[0]
-    # The first hand-off to the file after the disk filled up fails with ENOSPC: the reporter's
-    # end of a batch, or the checkpoint's fsync when the step-5 save comes first.
+    # The writer's first write-out after the disk filled up fails with ENOSPC; the training thread's
+    # next call to the writer (a log, or the step-5 checkpoint's fsync) raises it.
     assert isinstance(failure.error, OSError) and failure.error.errno == errno.ENOSPC
-    assert failure.event in {"end_batch", "on_log", "on_save"}
+    assert failure.event in {"on_log", "on_save"}
     assert any("was disabled; training continues" in r.getMessage() for r in caplog.records)
     # What reached the file before the disk filled up is intact and readable.
     disk_full.free_disk()
@@ -493,12 +502,24 @@ import json, sys, threading, torch
 importers = {}
 
 class Spy:
-    # Records which thread imports the modules below (and passes the import on).
+    # Records which thread executes the modules below (an import, not a mere find_spec).
     def find_spec(self, name, path=None, target=None):
-        if name in ("tensorboardX", "comet_ml") and name not in importers:
-            importers[name] = threading.current_thread().name
         if name in BLOCKED:
             raise ImportError(f"{name} blocked: as if not installed")
+        if name not in ("tensorboardX", "comet_ml"):
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if finder is not self and hasattr(finder, "find_spec") \
+                else None
+            if spec is not None:
+                execute = spec.loader.exec_module
+
+                def exec_module(module, execute=execute, name=name):
+                    importers.setdefault(name, threading.current_thread().name)
+                    execute(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
         return None
 
 BLOCKED = set(sys.argv[2:])
@@ -540,8 +561,8 @@ def test_tensorboardx_and_comet_ml_load_off_the_training_thread_and_change_no_we
                                                       "epochal_neptune", "dvclive", "neptune"])
     assert everything["comet_ml"] and not alone["comet_ml"]
     assert everything["failures"] == alone["failures"] == 0
-    # tensorboardX (and with it comet_ml) was imported by the reporter's thread, not the training thread.
-    assert everything["importers"]["tensorboardX"] == "epochal-tensorboard"
-    assert everything["importers"]["comet_ml"] == "epochal-tensorboard"
+    # tensorboardX (and with it comet_ml) was imported by the writer's thread, not the training thread.
+    assert everything["importers"]["tensorboardX"] == "epochal-tensorboard-writer"
+    assert everything["importers"]["comet_ml"] == "epochal-tensorboard-writer"
     assert everything["weights"] == alone["weights"]
     assert [s for s, _ in read_scalars(tmp_path / "all" / "runs")["train/loss"]] == list(range(1, 9))
