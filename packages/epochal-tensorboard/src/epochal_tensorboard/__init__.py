@@ -39,7 +39,6 @@ import importlib.util
 import inspect
 import itertools
 import json
-import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -54,8 +53,6 @@ if TYPE_CHECKING:
     from epochal_core.training_args import TrainingArguments
 
 __all__ = ["TensorBoardCallback"]
-
-logger = logging.getLogger(__name__)
 
 #: Environment variable naming the log directory (transformers v5).
 LOGGING_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
