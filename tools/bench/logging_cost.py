@@ -1,4 +1,4 @@
-"""Cost of logging every step (issue 7.3): TensorBoard via epochal's background reporter vs transformers.
+"""Cost of logging every step and every 10 steps (issues 7.3, 16): epochal's TensorBoard vs transformers.
 
     uv run --group bench python tools/bench/logging_cost.py            # ~2-3 min
     uv run --group bench python tools/bench/logging_cost.py --quick
@@ -6,10 +6,12 @@
 Tiny workload (MLP 32-64-2, batch 32, 2000 steps, dict dataset through a
 DataLoader), ``disable_tqdm=True`` everywhere (PrinterCallback prints each log,
 into os.devnull). epochal's variants run in lockstep (turns of 50 steps, see
-benchlib), so all of them see the same moments of this noisy machine; in the
-last counted step of each turn a variant drains its reporter queue, so the
-TensorBoard thread's work is done, and charged, within the variant's own turn
-(this only shrinks its batches: it can overstate the cost, never hide it).
+benchlib; ``--lockstep 250`` keeps turns near 0.1 s on a machine running 2500
+steps/s), so all of them see the same moments of this noisy machine; in the
+last counted step of each turn a variant drains its reporter queues and the
+TensorBoard writer's thread writes out, so that work is done, and charged, within
+the variant's own turn (this only shrinks its batches: it can overstate the cost,
+never hide it).
 transformers' variants run one after the other (its writer thread cannot be
 drained), rotated every round:
 
