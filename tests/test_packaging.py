@@ -271,6 +271,13 @@ def test_core_depends_on_no_workspace_package() -> None:
     assert GROUP not in project(core).get("entry-points", {})
 
 
+#: Packages an integration may require beside its SDK because the SDK picks them up when installed
+#: (the same table as test_contract.SDK_COMPANIONS, keyed by distribution).
+SDK_COMPANIONS = {
+    "epochal-tensorboard": {"crc32c"},  # tensorboardX's native CRC-32C (issue 16); pure Python without it
+}
+
+
 def test_integration_dependencies(integration: Path) -> None:
     """The core in a compatible range, and at most one SDK (never another integration)."""
     version = Version(project(integration)["version"])
@@ -282,7 +289,8 @@ def test_integration_dependencies(integration: Path) -> None:
     assert spec.contains(Version(f"{version.major}.{version.minor}.{version.micro + 1}")), \
         f"{core[0]} pins the core: use a compatible range (CONVENTIONS.md 12)"
     assert not spec.contains(Version(next_release(version))), f"{core[0]} has no upper bound"
-    others = [r for r in deps if canonicalize_name(r.name) != CORE]
+    companions = SDK_COMPANIONS.get(integration.name, set())
+    others = [r for r in deps if canonicalize_name(r.name) not in {CORE, *companions}]
     assert len(others) <= 1, f"one SDK at most, not {[str(r) for r in others]}"
     for sdk in others:
         assert not canonicalize_name(sdk.name).startswith("epochal"), "an integration never depends on another"

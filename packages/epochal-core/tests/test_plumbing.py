@@ -4,7 +4,6 @@ import sys
 import textwrap
 import threading
 
-import epochal_core
 import pytest
 from epochal_core import IntegrationCallback, Trainer, TrainerCallback, TrainingArguments
 from epochal_core.report_to import resolve_report_to
