@@ -15,12 +15,12 @@ slowdown), the counters are zeroed at step 160 and dumped ``--steps`` steps late
 the simulated caches are warm, and what a real run does once (tensorboardX's import on the
 reporter's thread) has been done.
 
-Work that epochal batches by time (the console's lines every 0.1 s, the reporters' queues, and
-with them TensorBoard's writing, every 0.2 s) would come ~100 times more often
+Work that epochal batches by time (the console's lines every 0.1 s, the reporters' queues and
+TensorBoard's writer thread every 0.2 s) would come ~100 times more often
 under valgrind, which runs the program ~100 times slower: batches of one or two logs instead
 of the hundred or so of a real run, and a count that depends on timing. So here those
 intervals are set to never, and at the last counted step all of it is done at once (the
-lines written, the reporters' queues run), inside the count:
+lines written, the queues run, the TensorBoard events written), inside the count:
 one batch per ``--steps`` logs, as at a real run's pace of ~700 steps/s with 0.2 s batches.
 Per step:
 
@@ -90,11 +90,19 @@ def child(variant: str, steps: int) -> None:
             if isinstance(callback, PrinterCallback):
                 callback._write_pending()
         trainer._drain_reporters()
+        for callback in trainer.callback_handler.callbacks:
+            writer = getattr(callback, "event_writer", None)
+            if writer is not None:  # TensorBoard's writer thread
+                writer.write_out()
 
     torch.set_num_threads(1)
     silence_loggers()
     never = 1e9
     reporting.BATCH_INTERVAL = never  # the reporters run their queues only when drained
+    with contextlib.suppress(ImportError):
+        from epochal_tensorboard import _writer
+
+        _writer.WRITE_INTERVAL = never  # TensorBoard's writer thread writes only when asked
     options = dict(VARIANTS[variant])
     console = options.pop("console")
     w = TINY.scaled(steps=_ZERO_AT + steps + 10, warm=1)

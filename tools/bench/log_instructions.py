@@ -11,8 +11,8 @@ and prints the difference per log:
 
   base          no callback takes on_log (console off, no integration)
   printer       + the PrinterCallback (one line per log, to os.devnull)
-  tensorboard   + TensorBoard through its Reporter, as report_to sets it up, with tensorboardX's
-                writing on the reporter's thread (batch interval long enough for batches of a few
+  tensorboard   + TensorBoard through its Reporter, as report_to sets it up (inline), with its
+                writer thread's tensorboardX writing (interval long enough for write-outs of a few
                 hundred logs, as when logging every step of a fast loop; the whole program runs
                 ~50x slower under valgrind)
   printer+tensorboard
@@ -52,10 +52,9 @@ def child(variant: str, logs: int) -> None:
     handler = CallbackHandler([DefaultFlowCallback()] + ([PrinterCallback()] if "printer" in variant else []))
     reporter = None
     if "tensorboard" in variant:
-        from epochal_core import reporting
-        from epochal_tensorboard import TensorBoardCallback
+        from epochal_tensorboard import TensorBoardCallback, _writer
 
-        reporting.BATCH_INTERVAL = 4.0  # batches of a few hundred logs under valgrind, as in a fast real loop
+        _writer.WRITE_INTERVAL = 4.0  # write-outs of a few hundred logs under valgrind, as in a fast real loop
         callback = TensorBoardCallback(log_dir=folder)
         reporter = Reporter(callback, "tensorboard")
         handler.add_callback(callback, target=reporter)
