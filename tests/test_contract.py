@@ -52,9 +52,15 @@ def requirements(info: IntegrationInfo) -> list[Requirement]:
     return [r for r in reqs if r.marker is None or "extra" not in str(r.marker)]
 
 
+#: Packages an integration may require beside its SDK because the SDK picks them up when installed.
+SDK_COMPANIONS = {
+    "tensorboard": {"crc32c"},  # tensorboardX's native CRC-32C (issue 16); pure Python without it
+}
+
+
 def sdk_requirements(info: IntegrationInfo) -> list[Requirement]:
-    """Its own SDK: neither the core nor the integration it is declared to build on."""
-    skip = {"epochal-core", BUILDS_ON.get(canonicalize_name(info.distribution))}
+    """Its own SDK: neither the core, the integration it is declared to build on, nor an SDK companion."""
+    skip = {"epochal-core", BUILDS_ON.get(canonicalize_name(info.distribution)), *SDK_COMPANIONS.get(info.name, ())}
     return [r for r in requirements(info) if canonicalize_name(r.name) not in skip]
 
 

@@ -296,6 +296,13 @@ def test_core_depends_on_no_workspace_package() -> None:
     assert GROUP not in project(core).get("entry-points", {})
 
 
+#: Packages an integration may require beside its SDK because the SDK picks them up when installed
+#: (the same table as test_contract.SDK_COMPANIONS, keyed by distribution).
+SDK_COMPANIONS = {
+    "epochal-tensorboard": {"crc32c"},  # tensorboardX's native CRC-32C (issue 16); pure Python without it
+}
+
+
 def test_integration_dependencies(integration: Path) -> None:
     """The core in a compatible range, and at most one SDK (never another integration)."""
     version = Version(project(integration)["version"])
@@ -313,7 +320,8 @@ def test_integration_dependencies(integration: Path) -> None:
         [on_base] = [r for r in deps if canonicalize_name(r.name) == base]
         assert on_base.specifier == spec, f"{on_base}: the same compatible range as the core"
         sources[base] = {"workspace": True}
-    others = [r for r in deps if canonicalize_name(r.name) not in {CORE, base}]
+    companions = SDK_COMPANIONS.get(integration.name, set())
+    others = [r for r in deps if canonicalize_name(r.name) not in {CORE, base, *companions}]
     assert len(others) <= 1, f"one SDK at most, not {[str(r) for r in others]}"
     for sdk in others:
         assert not canonicalize_name(sdk.name).startswith("epochal"), "an integration never depends on another"

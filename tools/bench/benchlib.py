@@ -473,9 +473,9 @@ def run_epochal(w: Workload, dataset: Any, console: bool = True, **kwargs: Any) 
     """(b) epochal's Trainer with its default callbacks.
 
     ``console=False`` removes the PrinterCallback (no line printed per log). In
-    lockstep, the trainer's reporters are drained and TensorBoard writers written
-    out before each hand-over, so their threads' work is charged to this variant's
-    own turn.
+    lockstep, the trainer's reporters are drained and the TensorBoard writer's
+    thread writes out before each hand-over, so their threads' work is charged to
+    this variant's own turn.
     """
     from epochal_core import PrinterCallback
 
@@ -484,14 +484,14 @@ def run_epochal(w: Workload, dataset: Any, console: bool = True, **kwargs: Any) 
     if not console:
         trainer.remove_callback(PrinterCallback)
     if isinstance(clock, LockstepClock):
-        # Integrations' background work (reporter queues, the TensorBoard writer's flusher) is done
+        # Integrations' background work (reporter queues, the TensorBoard writer's thread) is done
         # within this variant's own turn, never charged to the next variant's.
         def finish_background_work() -> None:
             trainer._drain_reporters()
             for callback in trainer.callback_handler.callbacks:
-                write_out = getattr(getattr(callback, "tb_writer", None), "write_out", None)
-                if callable(write_out):  # the writer exists from train begin on
-                    write_out()
+                writer = getattr(callback, "event_writer", None)
+                if writer is not None:  # the writer exists from train begin on
+                    writer.write_out()
 
         clock.before_handover = finish_background_work
     res = _timed(trainer.train, clock, w.steps)

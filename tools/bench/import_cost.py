@@ -13,9 +13,10 @@ script creates under ``packages/`` are removed at the end so they never reach gi
 
 It also checks that importing ``epochal_core`` plus every integration module,
 or the meta-package ``epochal``, and constructing each integration callback, loads no tracker SDK
-(dvclive, comet_ml, neptune, nor tensorboardX/tensorboard), and that a
-TensorBoard callback that ran (``on_train_begin`` to ``on_train_end``) loaded
-none either: it writes the event files itself. (That the other SDKs load once
+(dvclive, comet_ml, neptune, nor tensorboardX/tensorboard), and prints which a
+TensorBoard callback that ran (``on_train_begin`` to ``on_train_end``) loaded:
+tensorboardX, and comet_ml with it when installed (tensorboardX imports it). In
+training that import runs on the reporter's thread. (That the other SDKs load once
 their callback is used is tested in ``tests/test_contract.py``.)
 """
 

@@ -12,16 +12,15 @@ DataLoader, AdamW, clipping; ``disable_tqdm=True``) under ``valgrind --tool=call
 --cache-sim=yes --branch-sim=yes`` and counts ``--steps`` steps in the middle of training: the
 simulation starts at step 120 (imports, set-up and the first steps run at valgrind's lowest
 slowdown), the counters are zeroed at step 160 and dumped ``--steps`` steps later. By step 160
-the simulated caches are warm, and what a real run does once has been done: past step 128 the
-step's varint grows a byte, so the TensorBoard writer makes a new event layout, whose CRC tables
-are built at its first run of 24 events or more.
+the simulated caches are warm, and what a real run does once (tensorboardX's import on the
+reporter's thread) has been done.
 
-Work that epochal batches by time (the console's lines every 0.1 s, the TensorBoard writer's
-encoding every 0.2 s) would come ~100 times more often
+Work that epochal batches by time (the console's lines every 0.1 s, the reporters' queues and
+TensorBoard's writer thread every 0.2 s) would come ~100 times more often
 under valgrind, which runs the program ~100 times slower: batches of one or two logs instead
 of the hundred or so of a real run, and a count that depends on timing. So here those
 intervals are set to never, and at the last counted step all of it is done at once (the
-lines written, the writer's events encoded and written), inside the count:
+lines written, the queues run, the TensorBoard events written), inside the count:
 one batch per ``--steps`` logs, as at a real run's pace of ~700 steps/s with 0.2 s batches.
 Per step:
 
@@ -67,7 +66,7 @@ def child(variant: str, steps: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
     from benchlib import TINY, epochal_trainer, make_data, silence_loggers
-    from epochal_core import PrinterCallback, TrainerCallback
+    from epochal_core import PrinterCallback, TrainerCallback, reporting
 
     class Markers(TrainerCallback):
         # Runs in every variant alike, so its own cost cancels out of the ratios.
@@ -92,18 +91,18 @@ def child(variant: str, steps: int) -> None:
                 callback._write_pending()
         trainer._drain_reporters()
         for callback in trainer.callback_handler.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if writer is not None and hasattr(writer, "write_out"):
+            writer = getattr(callback, "event_writer", None)
+            if writer is not None:  # TensorBoard's writer thread
                 writer.write_out()
 
     torch.set_num_threads(1)
     silence_loggers()
     never = 1e9
+    reporting.BATCH_INTERVAL = never  # the reporters run their queues only when drained
     with contextlib.suppress(ImportError):
-        from epochal_tensorboard import EventFileWriter
+        from epochal_tensorboard import _writer
 
-        assert EventFileWriter.__init__.__kwdefaults__ is not None
-        EventFileWriter.__init__.__kwdefaults__["flush_interval"] = never
+        _writer.WRITE_INTERVAL = never  # TensorBoard's writer thread writes only when asked
     options = dict(VARIANTS[variant])
     console = options.pop("console")
     w = TINY.scaled(steps=_ZERO_AT + steps + 10, warm=1)

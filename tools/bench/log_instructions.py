@@ -11,9 +11,10 @@ and prints the difference per log:
 
   base          no callback takes on_log (console off, no integration)
   printer       + the PrinterCallback (one line per log, to os.devnull)
-  tensorboard   + TensorBoard through its Reporter, as report_to sets it up, with its writer's
-                encoding (flush interval long enough for runs of a few hundred events, as when
-                logging every step of a fast loop; the whole program runs ~50x slower under valgrind)
+  tensorboard   + TensorBoard through its Reporter, as report_to sets it up (inline), with its
+                writer thread's tensorboardX writing (interval long enough for write-outs of a few
+                hundred logs, as when logging every step of a fast loop; the whole program runs
+                ~50x slower under valgrind)
   printer+tensorboard
 
 torch is imported in every variant, as in training. For scale: one step of the tiny workload
@@ -51,10 +52,9 @@ def child(variant: str, logs: int) -> None:
     handler = CallbackHandler([DefaultFlowCallback()] + ([PrinterCallback()] if "printer" in variant else []))
     reporter = None
     if "tensorboard" in variant:
-        from epochal_tensorboard import EventFileWriter, TensorBoardCallback
+        from epochal_tensorboard import TensorBoardCallback, _writer
 
-        assert EventFileWriter.__init__.__kwdefaults__ is not None
-        EventFileWriter.__init__.__kwdefaults__["flush_interval"] = 4.0  # runs of a few hundred under valgrind
+        _writer.WRITE_INTERVAL = 4.0  # write-outs of a few hundred logs under valgrind, as in a fast real loop
         callback = TensorBoardCallback(log_dir=folder)
         reporter = Reporter(callback, "tensorboard")
         handler.add_callback(callback, target=reporter)

@@ -96,11 +96,11 @@ def test_scripted_run_metrics_and_parameters_round_trip(offline_dir: Path, tmp_p
     assert sorted(got) == sorted(expected_metrics(run.state.log_history))
     assert not any(name == "train/hist" for name, *_ in got)  # non-scalar dropped
     params = archive.params()
-    assert params["args_output_dir"] == str(out)
-    assert params["args_max_steps"] == 10
-    assert params["args_logging_steps"] == 2
-    assert params["config_hidden_size"] == 8
-    assert params["config_activation"] == "relu"
+    assert params["args|output_dir"] == str(out)
+    assert params["args|max_steps"] == 10
+    assert params["args|logging_steps"] == 2
+    assert params["config|hidden_size"] == 8
+    assert params["config|activation"] == "relu"
     others = archive.others()
     assert others["Name"] == "scripted-run"
     assert others["status"] == "finished"
@@ -126,8 +126,8 @@ def test_trainer_run_matches_log_history(offline_dir: Path, tmp_path: Path) -> N
 
     first, second = archives(offline_dir)
     assert sorted(first.metrics()) == sorted(expected_metrics(trainer.state.log_history))
-    assert first.params()["args_run_name"] == "tiny"
-    assert first.params()["config_in_features"] == 4
+    assert first.params()["args|run_name"] == "tiny"
+    assert first.params()["config|in_features"] == 4
     # predict() after train() reopens the same experiment for the test metrics
     assert first.meta["offline_id"] == second.meta["offline_id"] == callback.run_id
     assert second.meta["resume_strategy"] == "get"
@@ -307,3 +307,46 @@ def test_report_to_all_skips_unconfigured_online_comet(
     trainer = Trainer(TinyRegressor(), args, train_dataset=tiny_dataset())
     assert not any(isinstance(cb, CometCallback) for cb in trainer.callback_handler.callbacks)
     assert "COMET_API_KEY" in caplog.text
+
+
+# -- names: what transformers' CometCallback records -------------------------------------------------------
+
+# transformers' CometCallback (src/transformers/integrations/integration_utils.py):
+#   setup:  experiment.__internal_api__log_parameters__({"args": args.to_dict(), "config": model.config.to_dict()},
+#                                                       framework="transformers", source="manual", flatten_nested=True)
+#           Comet flattens nested parameters with "|": "args|learning_rate", "config|hidden_size".
+#   on_log: experiment.__internal_api__log_metrics__(rewrite_logs(logs), step=state.global_step, epoch=state.epoch)
+TRANSFORMERS_PARAMS = {"args|learning_rate", "args|max_steps", "args|output_dir", "args|run_name", "args|seed",
+                       "args|logging_steps", "args|per_device_train_batch_size", "config|hidden_size",
+                       "config|num_layers", "config|activation"}
+TRANSFORMERS_METRICS = {"train/loss", "train/grad_norm", "train/learning_rate", "train/epoch", "eval/loss",
+                        "eval/accuracy", "train/train_runtime", "train/train_loss"}
+
+
+def test_names_are_the_ones_transformers_records(offline_dir: Path, tmp_path: Path) -> None:
+    """Parameter and metric names read back from the archive equal those of transformers' calls on Comet."""
+    import comet_ml
+    from epochal_core.testing import tiny_model
+
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), max_steps=10, logging_steps=2, eval_strategy="steps",
+                             eval_steps=5, save_steps=5, report_to="none", run_name="scripted-run", disable_tqdm=True)
+    run = scripted_run(CometCallback(), output_dir=out, args=args)
+    [ours] = archives(offline_dir)
+    assert set(ours.params()) >= TRANSFORMERS_PARAMS
+    assert {name for name, *_ in ours.metrics()} >= TRANSFORMERS_METRICS
+
+    # transformers' own calls, on a second offline experiment, for the same run.
+    anchor = comet_ml.start(online=False, experiment_config=comet_ml.ExperimentConfig(
+        offline_directory=str(tmp_path / "anchor"), log_code=False, log_git_metadata=False, log_git_patch=False,
+        log_env_details=False, auto_output_logging=False, parse_args=False, log_graph=False))
+    anchor.__internal_api__log_parameters__({"args": args.to_dict(), "config": tiny_model().config},
+                                            framework="transformers", source="manual", flatten_nested=True)
+    for entry in run.state.log_history:
+        logs = {k: v for k, v in entry.items() if k != "step"}
+        anchor.__internal_api__log_metrics__(rewrite_logs(logs), step=entry["step"], epoch=entry.get("epoch"),
+                                             framework="transformers")
+    anchor.end()
+    [theirs] = archives(tmp_path / "anchor")
+    assert set(ours.params()) == set(theirs.params())
+    assert {name for name, *_ in ours.metrics()} == {name for name, *_ in theirs.metrics()}

@@ -68,9 +68,9 @@ def test_scripted_run_writes_every_log_at_global_step(tmp_path: Path) -> None:
     assert (live_dir / "plots" / "metrics" / "eval" / "loss.tsv").is_file()
     assert (live_dir / "plots" / "metrics" / "train" / "runtime.tsv").is_file()
     params = yaml.safe_load((live_dir / "params.yaml").read_text())
-    assert params["args"]["max_steps"] == 10
-    assert params["args"]["run_name"] == "scripted-run"
-    assert params["model"] == {"hidden_size": 8, "num_layers": 2, "activation": "relu"}
+    assert params["max_steps"] == 10
+    assert params["run_name"] == "scripted-run"
+    assert params["config"] == {"hidden_size": 8, "num_layers": 2, "activation": "relu"}
     summary = json.loads((live_dir / "metrics.json").read_text())
     assert summary["step"] == 10
     assert summary["eval"]["loss"] == run.state.log_history[-2]["eval_loss"]
@@ -89,8 +89,8 @@ def test_trainer_run_rows_match_log_history(tmp_path: Path) -> None:
     assert_rows_match(tmp_path / "out" / "dvclive", trainer.state.log_history)
     assert [step for step, _ in read_rows(tmp_path / "out" / "dvclive")["loss"]] == [1, 2, 3, 4, 5, 6]
     params = yaml.safe_load((tmp_path / "out" / "dvclive" / "params.yaml").read_text())
-    assert params["args"]["learning_rate"] == 0.05
-    assert params["model"] == {"in_features": 4, "note": None}
+    assert params["learning_rate"] == 0.05
+    assert params["config"] == {"in_features": 4, "note": None}
 
 
 def test_resume_continues_the_run_without_duplicate_rows(tmp_path: Path) -> None:
@@ -221,3 +221,43 @@ def test_log_model_without_a_dvc_repo_warns_once(tmp_path: Path, caplog: pytest.
     assert sum("no DVC repository" in m for m in messages) == 1
     assert not any("A DVC repo is required" in m for m in messages)
     assert not list((tmp_path / "out").glob("*.dvc"))
+
+
+# -- names: what transformers' DVCLiveCallback records ----------------------------------------------------
+
+# transformers' DVCLiveCallback (src/transformers/integrations/integration_utils.py):
+#   setup:  live.log_params(args.to_dict())  -> params.yaml holds the TrainingArguments fields at the top level;
+#   on_log: live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value) for each loggable value,
+#           then live.next_step()  -> plots/metrics/loss.tsv, eval/loss.tsv, train/runtime.tsv, ...
+TRANSFORMERS_PARAMS = {"learning_rate", "max_steps", "output_dir", "run_name", "seed", "logging_steps",
+                       "per_device_train_batch_size"}
+TRANSFORMERS_METRICS = {"loss", "grad_norm", "learning_rate", "epoch", "eval/loss", "eval/accuracy", "train/runtime",
+                        "train/loss"}
+
+
+def test_names_are_the_ones_transformers_records(tmp_path: Path) -> None:
+    """params.yaml keys and metric files equal those of transformers' calls on a second Live run."""
+    from dvclive import Live
+    from dvclive.plots import Metric
+
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), max_steps=10, logging_steps=2, eval_strategy="steps",
+                             eval_steps=5, save_steps=5, report_to="none", run_name="scripted-run", disable_tqdm=True)
+    run = scripted_run(DVCLiveCallback(), output_dir=out, args=args)
+    ours = yaml.safe_load((out / "dvclive" / "params.yaml").read_text())
+    assert set(ours) >= TRANSFORMERS_PARAMS
+    assert set(read_rows(out / "dvclive")) >= TRANSFORMERS_METRICS
+
+    anchor_dir = tmp_path / "anchor" / "dvclive"
+    live = Live(dir=str(anchor_dir), save_dvc_exp=False, dvcyaml=str(tmp_path / "anchor" / "dvc.yaml"))
+    live.log_params(args.to_dict())
+    for entry in run.state.log_history:
+        for key, value in entry.items():
+            if key != "step" and Metric.could_log(value):
+                live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        live.next_step()
+    live.end()
+    theirs = yaml.safe_load((anchor_dir / "params.yaml").read_text())
+    # The same names; the model config is epochal's addition, under "config".
+    assert set(ours) - {"config"} == set(theirs)
+    assert set(read_rows(out / "dvclive")) == set(read_rows(anchor_dir))

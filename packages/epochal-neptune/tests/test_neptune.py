@@ -326,3 +326,48 @@ def test_debug_mode_logs_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     expected = [value for _, value in expected_series(run.state.log_history)[f"{NS}/train/loss"]]
     assert seen["loss"] == expected
     assert not (Path(os.environ["NEPTUNE_DATA_DIRECTORY"]) / "epochal-checkpoints" / callback.run_id).exists()
+
+
+# -- names: what transformers' NeptuneCallback records ----------------------------------------------------
+
+# transformers' NeptuneCallback (src/transformers/integrations/integration_utils.py), base_namespace "finetuning":
+#   on_train_begin: run["finetuning/trainer_parameters"] = args.to_sanitized_dict()
+#                   run["finetuning/model_parameters"] = stringify_unsupported(model.config.to_dict())
+#   on_log:         for name, value in rewrite_logs(logs).items(): "train/epoch" is assigned
+#                   (run["finetuning/train/epoch"] = value), everything else .log(value, step=state.global_step).
+TRANSFORMERS_FIELDS = {f"{NS}/trainer_parameters/learning_rate", f"{NS}/trainer_parameters/max_steps",
+                       f"{NS}/trainer_parameters/run_name", f"{NS}/model_parameters/hidden_size",
+                       f"{NS}/train/epoch"}
+TRANSFORMERS_SERIES = {f"{NS}/train/loss", f"{NS}/train/grad_norm", f"{NS}/train/learning_rate", f"{NS}/eval/loss",
+                       f"{NS}/eval/accuracy", f"{NS}/train/train_runtime"}
+
+
+def test_names_are_the_ones_transformers_records(tmp_path: Path) -> None:
+    """Field and series paths read back from the offline run equal those of transformers' calls on a second run."""
+    import neptune
+    from epochal_core.testing import tiny_model
+    from neptune.utils import stringify_unsupported
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=10, logging_steps=2, eval_strategy="steps",
+                             eval_steps=5, save_steps=5, report_to="none", run_name="scripted-run", disable_tqdm=True)
+    callback = NeptuneCallback()
+    run = scripted_run(callback, output_dir=tmp_path / "out", args=args)
+    ours = read_run(callback.run_id)
+    assert set(ours.values) >= TRANSFORMERS_FIELDS
+    assert set(ours.series) >= TRANSFORMERS_SERIES
+
+    anchor = neptune.init_run(mode="offline", capture_stdout=False, capture_stderr=False,
+                              capture_hardware_metrics=False, capture_traceback=False, git_ref=False, source_files=[])
+    anchor[f"{NS}/trainer_parameters"] = args.to_sanitized_dict()
+    anchor[f"{NS}/model_parameters"] = stringify_unsupported(tiny_model().config)
+    for entry in run.state.log_history:
+        for name, value in rewrite_logs({k: v for k, v in entry.items() if k != "step"}).items():
+            if name == "train/epoch":
+                anchor[f"{NS}/{name}"] = value
+            else:
+                anchor[f"{NS}/{name}"].append(value, step=entry["step"])
+    anchor_id = anchor._id
+    anchor.stop()
+    theirs = read_run(anchor_id)
+    assert {k for k in ours.values if k.startswith(f"{NS}/")} == {k for k in theirs.values if k.startswith(f"{NS}/")}
+    assert set(ours.series) == set(theirs.series)

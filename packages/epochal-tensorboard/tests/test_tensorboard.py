@@ -1,4 +1,4 @@
-"""Tests of epochal_tensorboard: its event files, read back with TensorBoard's own reader (which checks every CRC)."""
+"""Tests of epochal_tensorboard: its event files (tensorboardX's), read back with TensorBoard's own reader."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import pytest
 from epochal_core import Trainer, TrainerState, TrainingArguments
 from epochal_core.integrations import rewrite_logs
 from epochal_core.testing import CrashAt, ScriptedFailure, TinyRegressor, scripted_run, tiny_dataset
-from epochal_tensorboard import LOGGING_DIR_ENV, EventFileWriter, TensorBoardCallback, crc32c
+from epochal_tensorboard import LOGGING_DIR_ENV, TensorBoardCallback
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
@@ -96,7 +95,7 @@ def test_scripted_run_writes_every_scalar_with_its_step(tmp_path: Path) -> None:
     assert json.loads(texts["model_config"][0][1]) == {"activation": "relu", "hidden_size": 8, "num_layers": 2}
     hparams = read_hparams(logdir)
     assert hparams["start"]["args/max_steps"] == 10.0
-    assert hparams["start"]["model/activation"] == "relu"
+    assert hparams["start"]["config/activation"] == "relu"
     assert hparams["status"] == 1  # STATUS_SUCCESS
 
 
@@ -139,118 +138,6 @@ def test_user_writer_is_used(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "runs").exists()
 
 
-# -- the event-file writer ---------------------------------------------------------------------------
-
-
-def test_crc32c_matches_tensorboards_reader() -> None:
-    from epochal_tensorboard import _masked_crc
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    data = bytes(range(256)) * 2
-    for n in [*range(40), 63, 64, 65, 255, 512]:
-        assert _masked_crc(data[:n]) == masked_crc32c(data[:n]).to_bytes(4, "little"), n
-
-
-def test_reader_checks_the_crcs_it_reads(tmp_path: Path) -> None:
-    """A flipped byte is caught by TensorBoard's reader: the round trips in this file verify every CRC."""
-    from tensorboard.compat.tensorflow_stub.errors import DataLossError
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-
-    writer = EventFileWriter(tmp_path)
-    writer.write_scalars({"a": 1.0, "b": 2.5}, global_step=7, walltime=123.0)
-    writer.close()
-    assert read_scalars(tmp_path) == {"a": [(7, 1.0)], "b": [(7, 2.5)]}
-    raw = bytearray(Path(writer.path).read_bytes())
-    raw[-6] ^= 0x01  # inside the last event's data
-    Path(writer.path).write_bytes(bytes(raw))
-    # The loader stops at the bad record (it may be a half-written one); the record reader says why.
-    assert len(list(EventFileLoader(writer.path).Load())) == 1  # only the file-version event is left
-    reader = PyRecordReader_New(writer.path)
-    reader.GetNext()
-    with pytest.raises(DataLossError, match="failed event crc32 check"):
-        reader.GetNext()
-
-
-def read_scalar_events(path: str, count: int) -> list[tuple[int, float, dict[str, float]]]:
-    """The first ``count`` events after the file version, read record by record (a bad CRC raises)."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
-
-    reader = PyRecordReader_New(path)
-    reader.GetNext()  # the file version
-    events = []
-    for _ in range(count):
-        reader.GetNext()  # raises DataLossError on a bad CRC
-        event = Event.FromString(reader.record())
-        events.append((event.step, event.wall_time, {v.tag: v.simple_value for v in event.summary.value}))
-    return events
-
-
-def test_every_scalar_event_shape_gets_a_valid_crc(tmp_path: Path) -> None:
-    """Per-log CRCs come from per-shape templates: steps of every varint width, tag sets, a long event."""
-    writer = EventFileWriter(tmp_path)
-    long_log = {f"eval/metric_number_{i:02d}": float(i) for i in range(20)}  # past the templated size
-    written = []
-    for step in [0, 1, 127, 128, 16383, 16384, 2**21, 2**40]:
-        for values in ({"train/loss": step / 3.0}, {"train/loss": 1.5, "train/lr": -2.0, "train/ok": True}, long_log):
-            writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + step)
-            written.append((step, values))
-    writer.close()
-    for (step, values), (got_step, wall_time, got) in zip(written, read_scalar_events(writer.path, len(written))):
-        assert got_step == step and wall_time == 1_700_000_000.0 + step
-        assert got == pytest.approx({tag: float(value) for tag, value in values.items()})
-
-
-def test_values_beyond_float32_are_written_as_infinite(tmp_path: Path) -> None:
-    """A diverging loss (1e39) is shown as inf, as protobuf stores it, instead of failing the integration."""
-    writer = EventFileWriter(tmp_path)
-    writer.write_scalars({"loss": 1e39, "neg": -1e300, "ok": 2.0, "nan": float("nan")}, global_step=1)
-    writer.close()
-    got = read_scalars(tmp_path)
-    assert got["loss"] == [(1, math.inf)] and got["neg"] == [(1, -math.inf)] and got["ok"] == [(1, 2.0)]
-    assert math.isnan(got["nan"][0][1])
-
-
-def test_writer_api_matches_summary_writer_for_scalars_and_text(tmp_path: Path) -> None:
-    writer = EventFileWriter(tmp_path, filename_suffix=".x")
-    writer.add_scalar("loss", 0.5, 3)
-    writer.add_scalar("bad tag!", 1, global_step=4)
-    writer.add_text("note", "héllo", 5)
-    writer.write_scalars({"big_step": 2.0}, global_step=2**40)
-    writer.flush()
-    assert read_scalars(tmp_path) == {"loss": [(3, 0.5)], "bad_tag_": [(4, 1.0)], "big_step": [(2**40, 2.0)]}
-    assert read_texts(tmp_path) == {"note": [(5, "héllo")]}
-    writer.close()
-    writer.close()  # twice is fine
-    assert writer.closed and writer.path.endswith(".x")
-    with pytest.raises(ValueError, match="is closed"):
-        writer.add_scalar("loss", 1.0, 6)
-
-
-def test_a_writer_never_truncates_another_ones_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import epochal_tensorboard
-
-    monkeypatch.setattr(epochal_tensorboard.time, "time", lambda: 1_700_000_000.0)  # the same second
-    first = EventFileWriter(tmp_path, filename_suffix=".1")
-    first.add_scalar("a", 1.0, 1)
-    first.close()
-    with pytest.raises(FileExistsError):
-        EventFileWriter(tmp_path, filename_suffix=".1")
-    second = EventFileWriter(tmp_path, filename_suffix=".2")
-    second.add_scalar("a", 2.0, 2)
-    second.close()
-    assert read_scalars(tmp_path) == {"a": [(1, 1.0), (2, 2.0)]}
-
-
-def test_construction_has_no_side_effects(tmp_path: Path) -> None:
-    before = set(tmp_path.rglob("*"))
-    callback = TensorBoardCallback(log_dir=tmp_path / "tb")
-    TensorBoardCallback()
-    assert set(tmp_path.rglob("*")) == before
-    assert callback.tb_writer is None
-    assert TensorBoardCallback.configuration_problem() is None
-
-
 # -- a real Trainer ----------------------------------------------------------------------------------
 
 
@@ -283,7 +170,7 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
     emitted = iter(1_600_000_000.0 + 10 * i for i in range(1000))  # the reporter's clock only, not the writer's
     monkeypatch.setattr(epochal_core.background, "_now", lambda: next(emitted))
     callback = TensorBoardCallback(SummaryWriter(log_dir=str(tmp_path / "mine")))
-    assert not callback.run_inline  # the built-in writer runs inline (see the next tests)
+    assert not callback.run_inline  # a writer passed in is queued (the built-in one runs inline)
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", save_strategy="no", report_to="none"),
                       train_dataset=tiny_dataset(), callbacks=[callback])
     trainer.train()
@@ -293,24 +180,29 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
     assert times == sorted(times) and len(set(times)) == 6
 
 
-def test_the_built_in_writer_runs_on_the_training_thread(tmp_path: Path) -> None:
-    """A log is an append to the writer's queue on the training thread; its own thread writes the file."""
+def test_the_built_in_writer_writes_every_record_on_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training thread only queues; tensorboardX's EventsWriter is called from the writer's thread alone."""
     import threading
 
-    seen: set[str] = set()
+    from tensorboardX.event_file_writer import EventsWriter
 
-    class Spy(TensorBoardCallback):
-        def log_metrics(self, metrics: Any, step: int, state: TrainerState) -> None:
-            seen.add(threading.current_thread().name)
-            super().log_metrics(metrics, step, state)
+    writers: list[str] = []
+    write_event = EventsWriter.write_event
 
+    def spy(self: Any, event: Any) -> Any:
+        writers.append(threading.current_thread().name)
+        return write_event(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", spy)
+    callback = TensorBoardCallback()
+    assert callback.run_inline  # a log is an append on the training thread
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", report_to="none"),
-                      train_dataset=tiny_dataset(), callbacks=[Spy()])
+                      train_dataset=tiny_dataset(), callbacks=[callback])
     trainer.train()
-    assert seen == {threading.main_thread().name}
+    assert len(writers) > 6 and set(writers) == {"epochal-tensorboard-writer"}
     assert_same_scalars(read_scalars(tmp_path / "out" / "runs"), expected_scalars(trainer.state.log_history))
-    with pytest.raises(ValueError, match="flush_interval=0"):
-        EventFileWriter(tmp_path / "x", flush_interval=0)
 
 
 def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
@@ -325,8 +217,8 @@ def test_logs_reach_the_file_while_training_runs(tmp_path: Path) -> None:
     class Peek(TrainerCallback):
         def on_step_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
             if state.global_step == 3:  # before step 3's log: steps 1 and 2 were logged
-                # Training waits here, so no further log comes: the reporter's own wake-up
-                # (every 0.2 s) must write them. Polled, with a bound far above that.
+                # Training waits here, so no further log comes: the writer's own wake-up
+                # (every 0.2 s) must hand them to the file. Polled, with a bound far above that.
                 deadline = time.monotonic() + 30
                 while len(seen) < 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -445,6 +337,8 @@ class DiskFullAt(TensorBoardCallback):
 
     def on_log(self, args: Any, state: TrainerState, control: Any, logs: Any = None, **kwargs: Any) -> Any:
         if state.global_step == self.step and self.filled is None:
+            assert self.event_writer is not None
+            self.event_writer.write_out()  # the writer's thread has opened the file and written what came before
             self.filled = fill_disk_under(Path(self.log_dir or ""))
         return super().on_log(args, state, control, logs, **kwargs)
 
@@ -457,8 +351,9 @@ class DiskFullAt(TensorBoardCallback):
             if os.readlink(f"/proc/self/fd/{fd}") == "/dev/full":
                 os.dup2(saved, fd)
         os.close(saved)
-        if self.tb_writer is not None:
-            self.tb_writer.close()
+        if self.event_writer is not None:
+            with contextlib.suppress(OSError):
+                self.event_writer.close()  # re-raises the writer's error
 
 
 @pytest.fixture
@@ -480,10 +375,9 @@ def test_disk_full_mid_run_disables_the_integration(
     assert disk_full.filled is not None
     assert len(run.failures) == 1
     failure = run.failures[0]
-    # The first write-out after the disk filled up fails with ENOSPC: the writer's background
-    # write-out, or the checkpoint's flush when the step-5 save comes first.
+    # The writer's first write-out after the disk filled up fails with ENOSPC; the training thread's
+    # next call to the writer (a log, or the step-5 checkpoint's fsync) raises it.
     assert isinstance(failure.error, OSError) and failure.error.errno == errno.ENOSPC
-    # The writer's thread found it; the next log or save on the training thread reports it.
     assert failure.event in {"on_log", "on_save"}
     assert any("was disabled; training continues" in r.getMessage() for r in caplog.records)
     # What reached the file before the disk filled up is intact and readable.
@@ -525,38 +419,150 @@ def test_a_user_writer_is_closed_at_train_end_and_failures_in_it_are_isolated(tm
     assert writer.closed  # the failure closed the run
 
 
-def test_a_run_imports_no_tensorboard_package(tmp_path: Path) -> None:
-    """No tensorboardX (which imports comet_ml when installed), no tensorboard: only the format is written."""
+
+
+# -- names: what transformers' TensorBoardCallback writes ------------------------------------------------
+
+# transformers' TensorBoardCallback (src/transformers/integrations/integration_utils.py):
+#   on_train_begin: tb_writer.add_text("args", args.to_json_string()) and, when the model has a config,
+#                   tb_writer.add_text("model_config", model.config.to_json_string());
+#   on_log:         for k, v in rewrite_logs(logs).items(): add_scalar(k, v, state.global_step) for int/float,
+#                   add_text(k, v, state.global_step) for str.
+# SummaryWriter.add_text stores a text under "<tag>/text_summary"; rewrite_logs maps eval_x -> eval/x,
+# test_x -> test/x, anything else -> train/x.
+TRANSFORMERS_TEXT_TAGS = {"args/text_summary", "model_config/text_summary"}
+TRANSFORMERS_TRAIN_TAGS = {"train/loss", "train/grad_norm", "train/learning_rate", "train/epoch"}
+TRANSFORMERS_EVAL_TAGS = {"eval/loss", "eval/accuracy", "eval/runtime", "eval/samples_per_second",
+                          "eval/steps_per_second"}
+TRANSFORMERS_SUMMARY_TAGS = {"train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
+                             "train/total_flos", "train/train_loss"}
+
+
+def test_tags_are_the_ones_transformers_writes(tmp_path: Path) -> None:
+    """Read back from the event files: the same tags as transformers' callback driven through tensorboardX."""
+    from tensorboardX import SummaryWriter
+
+    logdir = tmp_path / "tb"
+    run = scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "out")
+    acc = accumulate(logdir)
+    ours = set(acc.Tags()["scalars"]) | {t for t in acc.Tags()["tensors"] if t.endswith("/text_summary")}
+    keys = {k for entry in run.state.log_history for k in entry if k != "step"}
+    want = TRANSFORMERS_TEXT_TAGS | set(rewrite_logs(dict.fromkeys(keys)))
+    assert ours == want
+    assert ours >= TRANSFORMERS_TRAIN_TAGS | TRANSFORMERS_EVAL_TAGS | TRANSFORMERS_SUMMARY_TAGS | TRANSFORMERS_TEXT_TAGS
+
+    # transformers' calls, made on tensorboardX's own SummaryWriter, give the same tags.
+    writer = SummaryWriter(logdir=str(tmp_path / "anchor"))
+    writer.add_text("args", "{}")  # transformers: args.to_json_string()
+    writer.add_text("model_config", "{}")  # transformers: model.config.to_json_string()
+    for entry in run.state.log_history:
+        for key, value in rewrite_logs({k: v for k, v in entry.items() if k != "step"}).items():
+            writer.add_scalar(key, value, entry["step"])
+    writer.close()
+    anchor = accumulate(tmp_path / "anchor")
+    assert set(anchor.Tags()["scalars"]) | set(anchor.Tags()["tensors"]) == ours
+
+
+def test_tags_are_cleaned_as_tensorboardx_cleans_them(tmp_path: Path) -> None:
+    from tensorboardX import SummaryWriter
+
+    logdir = tmp_path / "tb"
+    scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "out", extra_logs={"odd key!": 1.0})
+    writer = SummaryWriter(logdir=str(tmp_path / "anchor"))
+    writer.add_scalar("train/odd key!", 1.0, 1)
+    writer.close()
+    [anchor_tag] = accumulate(tmp_path / "anchor").Tags()["scalars"]
+    assert anchor_tag == "train/odd_key_"
+    assert anchor_tag in read_scalars(logdir)
+
+
+def test_a_diverged_value_is_written_as_infinite(tmp_path: Path) -> None:
+    """Event files hold float32: 1e39 reads back as inf (protobuf's conversion), the integration keeps going."""
+    logdir = tmp_path / "tb"
+    run = scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "out",
+                       extra_logs={"diverged": 1e39, "gone": float("nan")})
+    assert not run.failures
+    scalars = read_scalars(logdir)
+    assert {v for _, v in scalars["train/diverged"]} == {math.inf}
+    assert all(math.isnan(v) for _, v in scalars["train/gone"])
+
+
+def test_two_runs_in_one_directory_within_a_second_keep_both_files(tmp_path: Path) -> None:
+    logdir = tmp_path / "tb"
+    scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "a", max_steps=2)
+    scripted_run(TensorBoardCallback(log_dir=logdir), output_dir=tmp_path / "b", max_steps=2)
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 2
+    assert [s for s, _ in read_scalars(logdir)["train/loss"]] == [2, 2]
+
+
+# -- tensorboardX, comet_ml and the training thread -------------------------------------------------------
+
+_RUN = """
+import json, sys, threading, torch
+importers = {}
+
+class Spy:
+    # Records which thread executes the modules below (an import, not a mere find_spec).
+    def find_spec(self, name, path=None, target=None):
+        if name in BLOCKED:
+            raise ImportError(f"{name} blocked: as if not installed")
+        if name not in ("tensorboardX", "comet_ml"):
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if finder is not self and hasattr(finder, "find_spec") \
+                else None
+            if spec is not None:
+                execute = spec.loader.exec_module
+
+                def exec_module(module, execute=execute, name=name):
+                    importers.setdefault(name, threading.current_thread().name)
+                    execute(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+BLOCKED = set(sys.argv[2:])
+sys.meta_path.insert(0, Spy())
+from epochal_core import Trainer, TrainingArguments
+from epochal_core.testing import TinyRegressor, tiny_dataset
+args = TrainingArguments(output_dir=sys.argv[1], report_to=["tensorboard"], max_steps=8, logging_steps=1,
+                         disable_tqdm=True, use_cpu=True, save_strategy="no", seed=7)
+torch.manual_seed(0)  # the same initial weights in both processes
+trainer = Trainer(model=TinyRegressor(), args=args, train_dataset=tiny_dataset())
+trainer.train()
+weights = {k: v.tolist() for k, v in trainer.model.state_dict().items()}
+print(json.dumps({"weights": weights, "importers": importers, "failures": len(trainer.integration_failures),
+                  "comet_ml": "comet_ml" in sys.modules}))
+"""
+
+
+def _train_in_subprocess(out: Path, blocked: list[str]) -> dict[str, Any]:
     import subprocess
     import sys
 
-    script = (
-        "import sys\n"
-        "from epochal_core import Trainer, TrainingArguments\n"
-        "from epochal_core.testing import TinyRegressor, tiny_dataset\n"
-        f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, report_to=['tensorboard'], max_steps=3,\n"
-        "                          logging_steps=1, disable_tqdm=True, use_cpu=True, save_strategy='no')\n"
-        "Trainer(model=TinyRegressor(), args=args, train_dataset=tiny_dataset()).train()\n"
-        "print(sorted(m for m in ('tensorboardX', 'tensorboard', 'comet_ml') if m in sys.modules))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    env = dict(os.environ)
+    # comet_ml as a user gets it: its import hooks on (the test session turns them off).
+    env.pop("COMET_DISABLE_AUTO_LOGGING", None)
+    done = subprocess.run([sys.executable, "-c", _RUN, str(out), *blocked], capture_output=True, text=True,
+                          timeout=300, check=False, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert [s for s, _ in read_scalars(tmp_path / "out" / "runs")["train/loss"]] == [1, 2, 3]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
-@pytest.mark.parametrize("count", [1, 23, 24, 300])
-def test_runs_of_events_are_encoded_together_with_valid_crcs(tmp_path: Path, count: int) -> None:
-    """A run of same-shape logs is encoded at once (pure Python below 24 events, torch from 24 on)."""
-    writer = EventFileWriter(tmp_path, flush_interval=None)
-    written = []
-    for i in range(count):
-        step = 120 + i  # crosses the 1- to 2-byte varint boundary at 128: two shapes
-        values = {"train/loss": 1 / (i + 1), "train/lr": -3e-4 * i, "train/big": 1e39 * (i % 2), "train/n": i}
-        writer.write_scalars(values, global_step=step, walltime=1_700_000_000.0 + i / 7)
-        written.append((step, values))
-    writer.close()
-    for (step, values), (got_step, wall_time, got) in zip(written, read_scalar_events(writer.path, count)):
-        assert got_step == step and wall_time == 1_700_000_000.0 + (step - 120) / 7
-        want = {tag: float(value) if abs(value) < 1e38 else math.inf for tag, value in values.items()}
-        assert got == pytest.approx(want, rel=1e-6)
+@pytest.mark.slow
+def test_tensorboardx_and_comet_ml_load_off_the_training_thread_and_change_no_weights(tmp_path: Path) -> None:
+    """A TensorBoard-only run with every package installed (comet_ml comes with tensorboardX) trains the
+    same weights as one where only epochal-core and epochal-tensorboard are installed."""
+    pytest.importorskip("comet_ml")
+    everything = _train_in_subprocess(tmp_path / "all", [])
+    alone = _train_in_subprocess(tmp_path / "alone", ["comet_ml", "epochal", "epochal_comet", "epochal_dvclive",
+                                                      "epochal_neptune", "dvclive", "neptune"])
+    assert everything["comet_ml"] and not alone["comet_ml"]
+    assert everything["failures"] == alone["failures"] == 0
+    # tensorboardX (and with it comet_ml) was imported by the writer's thread, not the training thread.
+    assert everything["importers"]["tensorboardX"] == "epochal-tensorboard-writer"
+    assert everything["importers"]["comet_ml"] == "epochal-tensorboard-writer"
+    assert everything["weights"] == alone["weights"]
+    assert [s for s, _ in read_scalars(tmp_path / "all" / "runs")["train/loss"]] == list(range(1, 9))

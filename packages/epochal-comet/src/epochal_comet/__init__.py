@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from epochal_core.integrations import IntegrationCallback, model_config
+from epochal_core.integrations import IntegrationCallback
 
 if TYPE_CHECKING:
     from epochal_core.control import TrainerControl
@@ -188,10 +188,9 @@ class CometCallback(IntegrationCallback):
             experiment_config=config,
         )
         self._continue = True
-        self.experiment.log_parameters(args.to_dict(), prefix="args")
-        config_dict = model_config(model)
-        if config_dict:
-            self.experiment.log_parameters(config_dict, prefix="config")
+        # transformers' CometCallback.setup logs {"args": args.to_dict(), "config": model.config.to_dict()}
+        # flattened by Comet ("args|learning_rate", "config|hidden_size"); log_parameters flattens the same way.
+        self.experiment.log_parameters(self.hyperparameters(args, model))
         if self.log_graph and model is not None:
             self.experiment.set_model_graph(model)
 

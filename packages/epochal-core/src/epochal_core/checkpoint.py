@@ -31,13 +31,13 @@ decides what a training checkpoint holds.
 
 from __future__ import annotations
 
-import zlib
 import json
 import logging
 import os
 import re
 import shutil
 import uuid
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress

@@ -235,11 +235,15 @@ class IntegrationCallback(TrainerCallback):
 
     # -- shared helpers ------------------------------------------------------------
     def hyperparameters(self, args: TrainingArguments, model: Any) -> dict[str, Any]:
-        """Training arguments and the model config as one nested dict (``{"args": ..., "model": ...}``)."""
+        """Training arguments and the model config as one nested dict: ``{"args": ..., "config": ...}``.
+
+        The layout of transformers' ``CometCallback.setup`` (``{"args": args.to_dict(),
+        "config": model.config.to_dict()}``), so flattened names line up with its runs.
+        """
         params: dict[str, Any] = {"args": args.to_dict()}
         config = model_config(model)
         if config is not None:
-            params["model"] = config
+            params["config"] = config
         return params
 
     def scalars(self, logs: Mapping[str, Any]) -> dict[str, float | int]:

@@ -2,7 +2,8 @@
 
 Install with ``pip install epochal-dvclive``. Every scalar log becomes a row of
 ``<dir>/plots/metrics/<name>.tsv`` at ``step == state.global_step``; the training
-arguments and the model config go to ``<dir>/params.yaml``; the latest values to
+arguments go to ``<dir>/params.yaml`` as transformers writes them (``args.to_dict()``
+at the top level), with the model config under ``config``; the latest values to
 ``<dir>/metrics.json``. ``dir`` defaults to ``<output_dir>/dvclive``.
 
 Example:
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from epochal_core.integrations import IntegrationCallback
+from epochal_core.integrations import IntegrationCallback, model_config
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -163,7 +164,12 @@ class DVCLiveCallback(IntegrationCallback):
         self._last_checkpoint = None
         if resuming:
             self._drop_rows_after(live, state.global_step)
-        live.log_params(_yaml_safe(self.hyperparameters(args, model)))
+        # transformers' DVCLiveCallback.setup: live.log_params(args.to_dict()); the model config is epochal's addition.
+        params = args.to_dict()
+        config = model_config(model)
+        if config is not None:
+            params["config"] = config
+        live.log_params(_yaml_safe(params))
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Write each metric as a row at ``step`` (``state.global_step``), then sync the summary."""

@@ -85,7 +85,6 @@ if TYPE_CHECKING:
         NeptuneCallback,
     )
     from epochal_tensorboard import (
-        EventFileWriter,
         TensorBoardCallback,
     )
     from epochal_wandb import (
@@ -124,7 +123,6 @@ _SOURCES: dict[str, str] = {
     "FlyteCallback": "epochal_flyte",
     "MLflowCallback": "epochal_mlflow",
     "NeptuneCallback": "epochal_neptune",
-    "EventFileWriter": "epochal_tensorboard",
     "TensorBoardCallback": "epochal_tensorboard",
     "WandbCallback": "epochal_wandb",
 }
@@ -143,7 +141,6 @@ __all__ = [
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
-    "EventFileWriter",
     "ExportableState",
     "FlyteCallback",
     "IntegrationCallback",
