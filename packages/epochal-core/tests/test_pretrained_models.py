@@ -269,6 +269,18 @@ def test_lora_best_model_and_bit_exact_resume(hf: Any, peft: Any, lora_run: dict
     assert same_params(trainable_state(resumed.model), saved[4])
 
 
+def test_weights_that_do_not_fit_the_model_are_refused_by_name(hf: Any, gpt2_run: Any, lora_run: Any) -> None:
+    from epochal_core.checkpoint import CheckpointError
+    from epochal_core.model_files import load_model_files
+
+    with pytest.raises(CheckpointError, match=r"gpt2.*checkpoint-2.*do not fit the model \(BertFor"):
+        load_model_files(classifier(hf), gpt2_run["out"] / "checkpoint-2")
+    with pytest.raises(CheckpointError, match=r"do not fit the model \(GPT2LMHeadModel\).*size mismatch"):
+        load_model_files(gpt2(hf, width=32), gpt2_run["out"] / "checkpoint-2")
+    with pytest.raises(CheckpointError, match=r"holds adapter weights .* has no PEFT adapters.*get_peft_model"):
+        load_model_files(gpt2(hf, width=64), lora_run["out"] / "checkpoint-2")
+
+
 # -- gradient checkpointing ----------------------------------------------------------------------------------------
 def block_forwards(hf: Any, tmp_path: Path, **overrides: Any) -> int:
     model = gpt2(hf)

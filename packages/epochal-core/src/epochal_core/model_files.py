@@ -137,7 +137,15 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _load_full(model: nn.Module, folder: Path) -> None:
     state = _read_weights(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        problems = [line.strip() for line in str(err).splitlines()[1:]]
+        raise CheckpointError(
+            f"The weights in {os.fspath(folder)!r} do not fit the model ({type(model).__name__}): "
+            f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. "
+            "Build the same architecture as the one saved."
+        ) from err
     # save_pretrained leaves tied weights out (GPT-2's lm_head shares the embedding's
     # storage): a missing key is fine when its tensor is one that was loaded.
     current = model.state_dict(keep_vars=True)
