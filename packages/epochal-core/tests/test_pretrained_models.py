@@ -308,6 +308,20 @@ def test_gradient_checkpointing_recomputes_the_blocks(hf: Any, tmp_path: Path) -
                           gradient_checkpointing_kwargs={"use_reentrant": False}) == 2
 
 
+def test_gradient_checkpointing_on_a_lora_model_still_trains_every_adapter_weight(
+    hf: Any, peft: Any, tmp_path: Path
+) -> None:
+    # The base (embeddings included) is frozen: without inputs that require grad, a checkpointed
+    # block would give the adapter no gradient at all.
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    model = peft.get_peft_model(gpt2(hf), config)
+    before = trainable_state(model)
+    Trainer(model=model, args=args(tmp_path, max_steps=1, save_strategy="no", gradient_checkpointing=True),
+            train_dataset=TokenData()).train()
+    after = trainable_state(model)
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
 def test_gradient_checkpointing_on_a_model_without_it_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"gradient_checkpointing=True is invalid for Linear.*set gradient_checkp"):
         Trainer(model=torch.nn.Linear(2, 1), args=args(tmp_path, gradient_checkpointing=True))
