@@ -62,6 +62,13 @@ CLAIMS: dict[str, list[str]] = {
         f"{CORE_TESTS}/test_protocol.py::test_printer_writes_held_lines_once_the_interval_passes",
         f"{CORE_TESTS}/test_trainer_loop.py::test_console_prints_every_log_line_once_and_in_order",
     ],
+    "transformers and PEFT models save as their users expect": [
+        f"{CORE_TESTS}/test_pretrained_models.py::test_gpt2_save_model_opens_with_from_pretrained",
+        f"{CORE_TESTS}/test_pretrained_models.py::test_gpt2_checkpoint_is_the_library_format_in_the_manifest",
+        f"{CORE_TESTS}/test_pretrained_models.py::test_lora_checkpoint_holds_the_adapter_not_the_base",
+        f"{CORE_TESTS}/test_pretrained_models.py::test_lora_best_model_and_bit_exact_resume",
+        f"{CORE_TESTS}/test_pretrained_models.py::test_core_import_and_a_plain_run_load_neither_library",
+    ],
     "`remove_callback` never raises": [
         f"{CORE_TESTS}/test_protocol.py::test_add_pop_remove_by_class_and_instance",
         f"{CORE_TESTS}/test_plumbing.py::test_third_party_package_adds_a_report_to_name_with_one_entry_point",

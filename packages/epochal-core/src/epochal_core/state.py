@@ -36,7 +36,8 @@ class TrainerState:
         train_batch_size: Per-device batch size used for training.
         num_train_epochs: Whole epochs this run will do.
         num_input_tokens_seen: Kept for compatibility; epochal does not count tokens.
-        total_flos: Kept for compatibility; epochal does not estimate FLOs.
+        total_flos: Floating-point operations of training so far, from the model's own estimate
+            (``floating_point_ops``, or transformers' 6 x tokens x parameters); 0 without one.
         log_history: Every log of the run, each with its ``step``.
         best_metric: Best value of ``metric_for_best_model`` so far.
         best_global_step: Step at which :attr:`best_metric` was reached.

@@ -38,6 +38,8 @@ from .handler import CallbackHandler
 from .integrations import IntegrationCallback
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
+from .model_conventions import enable_gradient_checkpointing, flops_counter
+from .model_files import load_model_files, save_model_folder, unwrap_model
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .schedules import get_scheduler
@@ -45,7 +47,6 @@ from .state import TrainerState
 from .training_args import TrainingArguments
 from .training_checkpoint import (
     TRAINER_STATE_NAME,
-    WEIGHTS_NAME,
     TrainingSnapshot,
     load_training_checkpoint,
     save_training_checkpoint,
@@ -248,6 +249,11 @@ class Trainer:
         optimizer, lr_scheduler = optimizers
         self.model = model.to(self.device)
         self.model_wrapped: nn.Module = self.model
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(unwrap_model(self.model), args.gradient_checkpointing_kwargs)
+        # FLOs of the micro-batches since state.total_flos was last updated (see _store_flos).
+        self._count_flos: Callable[[Any], float] | None = None
+        self._pending_flos = 0.0
         self.data_collator = data_collator
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -626,6 +632,7 @@ class Trainer:
         if args.fp16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.model_wrapped = self._wrap_model()
+        self._count_flos, self._pending_flos = flops_counter(unwrap_model(self.model)), 0.0
         guard = self._guard_mode()
         # On the CPU the guard reads the loss and the gradient norm at every update anyway (a memory
         # load), so they are summed as Python floats: no tensor op per update, none at a log.
@@ -653,6 +660,7 @@ class Trainer:
             self.args, self.state, self.control, self.model, self.optimizer,  # type: ignore[arg-type]
             self.lr_scheduler, self.scaler, self.callback_handler.callbacks, self._log_store,
             rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+            processing_class=self.processing_class,
         )
 
     def _resume(self, run: _Run, checkpoint: Path) -> bool:
@@ -730,6 +738,8 @@ class Trainer:
                 min(plan.accumulation, plan.batches_per_epoch - step) if plan.sized else plan.accumulation
             )
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
+        if self._count_flos is not None:
+            self._pending_flos += self._count_flos(inputs)
         if self.is_distributed and not is_update:
             with run.model.no_sync():  # type: ignore[operator]
                 loss = self.training_step(run.model, inputs, run.micro_batches)
@@ -837,6 +847,7 @@ class Trainer:
         """The final log: runtime, throughput, FLOs and the mean training loss of this call."""
         steps_done = self.state.global_step - run.start_step
         runtime = time.perf_counter() - run.start_time
+        self._store_flos()
         samples = steps_done * self.args.per_device_train_batch_size * run.plan.accumulation * self.dist.world_size
         return {
             "train_runtime": runtime,
@@ -895,6 +906,7 @@ class Trainer:
 
     def _log_training(self, run: _Run) -> None:
         """Log the mean loss since the last log, the gradient norm, the learning rate and any skips."""
+        self._store_flos()
         loss_sum, skipped, norm = run.losses.take(run.grad_norm, self._read_scalars)
         steps = self.state.global_step - run.last_logged
         logs: dict[str, float] = {"loss": loss_sum / max(steps - skipped, 1)}
@@ -910,7 +922,22 @@ class Trainer:
         # Integrations must have processed every event (e.g. created their run) before
         # their state (the run id) is saved.
         self._drain_reporters()
+        self._store_flos()
         return save_training_checkpoint(self._snapshot())
+
+    def _store_flos(self) -> None:
+        """Add the FLOs counted since the last call (summed over ranks) to ``state.total_flos``.
+
+        Called where every rank is (a log, a save, the end), like transformers' ``store_flos``:
+        one small all-reduce there under torch.distributed, nothing per step.
+        """
+        if self._count_flos is None:
+            return
+        flos = self._pending_flos
+        if self.is_distributed:
+            flos = all_reduce_(torch.tensor(flos, dtype=torch.float64, device=self.device)).item()
+        self.state.total_flos += flos
+        self._pending_flos = 0.0
 
     def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -933,7 +960,7 @@ class Trainer:
     def _load_best_model(self) -> None:
         path = Path(self.state.best_model_checkpoint or "")
         logger.info("Loading best model from %s (score: %s).", path, self.state.best_metric)
-        self.model.load_state_dict(ckpt.load_file(path / WEIGHTS_NAME, map_location=self.device))
+        load_model_files(self.model, path)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Record ``logs`` (plus ``epoch``) in ``state.log_history`` and emit ``on_log``.
@@ -1075,14 +1102,18 @@ class Trainer:
 
     # -- saving ---------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None) -> None:
-        """Save the model's weights (``pytorch_model.bin``) atomically, on world rank zero."""
+        """Save the model into ``output_dir`` (default ``args.output_dir``), on world rank zero.
+
+        A model with ``save_pretrained`` (transformers, PEFT; unwrapped from DDP or
+        ``torch.compile``) writes its own format, safetensors, which the library's
+        ``from_pretrained`` opens; a PEFT model writes its adapter only. Any other model
+        is saved as ``pytorch_model.bin`` (its ``state_dict``). ``processing_class`` is
+        saved too when it has ``save_pretrained``. Each file is written and fsynced in a
+        temporary folder, then renamed into place.
+        """
         if not self.is_world_process_zero():
             return
-        target = Path(output_dir or self.args.output_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{WEIGHTS_NAME}.tmp"
-        ckpt.save_file(self.model.state_dict(), tmp)
-        os.replace(tmp, target / WEIGHTS_NAME)
+        save_model_folder(self.model, output_dir or self.args.output_dir, self.processing_class)
 
     def save_state(self) -> None:
         """Write ``trainer_state.json`` into ``output_dir`` (world rank zero)."""

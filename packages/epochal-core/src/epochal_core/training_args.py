@@ -100,6 +100,10 @@ class TrainingArguments:
         save_on_preemption: On SIGTERM/SIGINT, finish the step, save a checkpoint and stop.
         strict_integrations: Re-raise integration errors instead of disabling the
             integration. Default: the ``EPOCHAL_STRICT_INTEGRATIONS`` environment variable.
+        gradient_checkpointing: Call the model's ``gradient_checkpointing_enable`` (transformers
+            models have it): recompute activations in the backward pass to save memory.
+        gradient_checkpointing_kwargs: Passed to ``gradient_checkpointing_enable`` (e.g.
+            ``{"use_reentrant": False}``).
 
     Raises:
         ValueError: For an invalid value or an inconsistent combination.
@@ -156,6 +160,9 @@ class TrainingArguments:
     nonfinite_policy: str = "skip"
     save_on_preemption: bool = True
     strict_integrations: bool | None = None
+    # issue 21: models with transformers' conventions.
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)

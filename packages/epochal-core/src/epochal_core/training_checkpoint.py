@@ -35,6 +35,7 @@ from .checkpoint import (
 from .control import TrainerControl
 from .distributed import barrier
 from .log_history import LogHistoryStore
+from .model_files import WEIGHTS_NAME, adopt_written, has_save_pretrained, load_model_files, write_model_files
 from .state import TRAINER_STATE_NAME, TrainerState
 from .training_args import TrainingArguments
 
@@ -55,7 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "pytorch_model.bin"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 SCALER_NAME = "scaler.pt"
@@ -82,6 +82,7 @@ class TrainingSnapshot:
         rank: This process's world rank.
         world_size: Processes in the job.
         device: Where optimizer state is loaded to.
+        processing_class: The tokenizer or processor; saved with the model when it has ``save_pretrained``.
     """
 
     args: TrainingArguments
@@ -96,6 +97,7 @@ class TrainingSnapshot:
     rank: int = 0
     world_size: int = 1
     device: torch.device | str = "cpu"
+    processing_class: Any = None
 
 
 def rng_file_name(rank: int, world_size: int) -> str:
@@ -142,7 +144,10 @@ def _write_files(snap: TrainingSnapshot, writer: FolderWriter, root: Path) -> No
     """Write this rank's share of the checkpoint: rank 0 the shared files, every rank its RNG state."""
     args, state = snap.args, snap.state
     if snap.rank == 0:
-        writer.save(snap.model.state_dict(), WEIGHTS_NAME)
+        # save_pretrained (transformers, PEFT: the adapter alone) when the model has it, else the state_dict.
+        write_model_files(snap.model, writer)
+        if has_save_pretrained(snap.processing_class):
+            adopt_written(writer, snap.processing_class.save_pretrained)
         if not args.save_only_model:
             writer.save(snap.optimizer.state_dict(), OPTIMIZER_NAME)
             writer.save(snap.lr_scheduler.state_dict(), SCHEDULER_NAME)
@@ -211,7 +216,7 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
     """
     verify_checkpoint(path)
     state = _load_state(snap, path)
-    snap.model.load_state_dict(load_file(path / WEIGHTS_NAME))
+    load_model_files(snap.model, path)
     if not (path / OPTIMIZER_NAME).exists():
         raise CheckpointError(
             f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
