@@ -275,20 +275,19 @@ class FolderWriter:
     def adopt(self, name: str) -> None:
         """Record ``name``, written into the folder by other code (a library's ``save_pretrained``).
 
-        The file is read once to hash it (from the page cache, just written) and fsynced with the others.
+        The file is read once to checksum it (from the page cache, just written) and fsynced with the others.
         """
         file = open(self.folder / name, "rb")  # noqa: SIM115 - closed by finish_file, possibly later
         try:
-            digest = hashlib.sha256()
-            size = 0
+            crc = size = 0
             while chunk := file.read(1 << 20):
-                digest.update(chunk)
+                crc = zlib.crc32(chunk, crc)
                 size += len(chunk)
         except BaseException:
             file.close()
             raise
         finish_file(file, self.fsync)
-        self.files[name] = {"size": size, "sha256": digest.hexdigest()}
+        self.files[name] = {"size": size, "crc32": f"{crc:08x}"}
 
     def record(self, rank: int = 0) -> None:
         """Leave the list of files written by this rank in the folder (fsynced with the files)."""
