@@ -10,28 +10,24 @@ process included). What this module adds is the glue the Trainer needs: the wrap
 policy, re-pointing an optimizer built before sharding at the sharded parameters,
 the global gradient norm, the per-rank checksums for the checkpoint manifest, and
 one consolidated state dict for ``save_model()``.
+
+FSDP2 and DCP are imported when first used: together they cost about as much
+import time as torch itself, which a run without ``fsdp`` should not pay.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from .checkpoint import _fsync_dir, _sha256_of
 from .fsdp_options import FsdpPlan
@@ -57,8 +53,9 @@ OPTIMIZER_DIR = "optimizer_0"
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` was sharded by ``fully_shard``."""
-    return isinstance(model, FSDPModule)
+    """Whether ``model`` was sharded by ``fully_shard`` (without importing FSDP when nothing did)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def _wrap_units(model: nn.Module, plan: FsdpPlan) -> list[nn.Module]:
@@ -105,6 +102,7 @@ def shard_model(
         ValueError: The wrap policy names classes the model does not have.
     """
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     before = {id(p): name for name, p in model.named_parameters()}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -128,7 +126,8 @@ def shard_model(
 
 def plain_tensor(value: torch.Tensor) -> torch.Tensor:
     """The full value of a ``DTensor`` (a collective: every rank calls it), else ``value``."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    return value.full_tensor() if tensor_module and isinstance(value, tensor_module.DTensor) else value
 
 
 def global_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -143,11 +142,25 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """One consolidated CPU state dict on world rank 0 (empty elsewhere); every rank must call it."""
     if not is_sharded(model):
         return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full: dict[str, torch.Tensor] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )  # type: ignore[assignment]
+    return full
 
 
-def _no_dist() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
+@contextmanager
+def _dcp() -> Iterator[tuple[Any, Any, bool]]:
+    """DCP and its state-dict module, and whether this is one process (DCP's own warning about it silenced)."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if no_dist:  # one process is intended (a resume at world size 1), not a missing process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield dcp, state_dict, no_dist
 
 
 def save_sharded(
@@ -161,15 +174,16 @@ def save_sharded(
         hashes its own after the write: the ranks hash in parallel and rank 0's commit reads
         none of them again.
     """
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_model_state_dict(model), None)
-    parts = [(MODEL_DIR, {"model": model_sd})]
-    if optim_sd is not None:
-        parts.append((OPTIMIZER_DIR, {"optimizer": optim_sd}))
-    for name, state in parts:
-        dcp.save(state, checkpoint_id=folder / name, no_dist=_no_dist())
-        if rank == 0:
-            _fsync_dir(folder / name)  # DCP fsyncs the files; the folder's entries too
+    with _dcp() as (dcp, sd, no_dist):
+        model_sd, optim_sd = sd.get_state_dict(model, optimizer) if optimizer is not None else (
+            sd.get_model_state_dict(model), None)
+        parts = [(MODEL_DIR, {"model": model_sd})]
+        if optim_sd is not None:
+            parts.append((OPTIMIZER_DIR, {"optimizer": optim_sd}))
+        for name, state in parts:
+            dcp.save(state, checkpoint_id=folder / name, no_dist=no_dist)
+            if rank == 0:
+                _fsync_dir(folder / name)  # DCP fsyncs the files; the folder's entries too
     files: dict[str, dict[str, Any]] = {}
     for name, _ in parts:
         # DCP names each rank's data files ``__<rank>_<n>.distcp``; the coordinator (rank 0) writes ``.metadata``.
@@ -192,12 +206,13 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
     Works for any world size the checkpoint was written with, sharded model or not,
     one process included (every rank of the job calls it).
     """
-    if optimizer is None or not (path / OPTIMIZER_DIR / ".metadata").is_file():
-        model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=path / MODEL_DIR, no_dist=_no_dist())
-        set_model_state_dict(model, model_sd)
-        return
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd}, checkpoint_id=path / MODEL_DIR, no_dist=_no_dist())
-    dcp.load({"optimizer": optim_sd}, checkpoint_id=path / OPTIMIZER_DIR, no_dist=_no_dist())
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    with _dcp() as (dcp, sd, no_dist):
+        if optimizer is None or not (path / OPTIMIZER_DIR / ".metadata").is_file():
+            model_sd = sd.get_model_state_dict(model)
+            dcp.load({"model": model_sd}, checkpoint_id=path / MODEL_DIR, no_dist=no_dist)
+            sd.set_model_state_dict(model, model_sd)
+            return
+        model_sd, optim_sd = sd.get_state_dict(model, optimizer)
+        dcp.load({"model": model_sd}, checkpoint_id=path / MODEL_DIR, no_dist=no_dist)
+        dcp.load({"optimizer": optim_sd}, checkpoint_id=path / OPTIMIZER_DIR, no_dist=no_dist)
+        sd.set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)

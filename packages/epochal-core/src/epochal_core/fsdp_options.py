@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +109,7 @@ def normalise_fsdp_config(value: Any, fsdp: list[str]) -> dict[str, Any]:
             "fsdp_config", value,
             f"unknown or unsupported keys {unknown} (FSDP2 has no such setting); use only {list(FSDP_CONFIG_KEYS)}.",
         )
-    refusals = {
+    refusals: dict[str, tuple[Callable[[Any], bool], str]] = {
         "version": (lambda v: v not in (2, "2"), "only FSDP2 (fully_shard) is supported: remove the key or use 2."),
         "use_orig_params": (lambda v: v is False, "FSDP2 always keeps the original parameters: remove the key."),
         "activation_checkpointing": (

@@ -750,7 +750,7 @@ class Trainer:
             )
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
         if not is_update and isinstance(run.model, nn.parallel.DistributedDataParallel):
-            with run.model.no_sync():  # type: ignore[operator]
+            with run.model.no_sync():
                 loss = self.training_step(run.model, inputs, run.micro_batches)
         else:
             loss = self.training_step(run.model, inputs, run.micro_batches)
