@@ -65,6 +65,8 @@ def fsdp_worker(out: str) -> None:
     """One rank of the FSDP check: bf16 mixed precision over NCCL, a sharded save, a resume, save_model."""
     import torch.distributed as dist
 
+    if not dist.is_initialized():  # one GPU: torchrun sets WORLD_SIZE=1, and a 1-rank group still shards
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     fsdp = {"bf16": True, "fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 10_000},
             "save_strategy": "steps", "save_steps": 20, "logging_steps": 10, "output_dir": out}
     model = MLP()

@@ -104,6 +104,8 @@ def shard_model(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh and NCCL use the current device
     before = {id(p): name for name, p in model.named_parameters()}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": plan.reshard_after_forward}

@@ -610,9 +610,12 @@ class Trainer:
         )
 
     def _shard_model(self) -> nn.Module:
-        """Shard the model with FSDP2 over all ranks (issue 20); one process trains it whole."""
+        """Shard the model with FSDP2 over all ranks (issue 20); one process without a process group trains it whole."""
         plan = self.args.fsdp_plan
-        if not self.is_distributed or plan is None or is_sharded(self.model):
+        if plan is None or is_sharded(self.model):
+            return self.model
+        if not torch.distributed.is_initialized():
+            logger.info("fsdp in one process: the model is trained whole; checkpoints are still sharded (DCP).")
             return self.model
         shard_model(self.model, plan, self.device, bf16=self.args.bf16, optimizer=self.optimizer)
         return self.model
