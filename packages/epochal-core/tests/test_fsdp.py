@@ -21,7 +21,7 @@ import fsdp_worker
 import pytest
 import torch
 from epochal_core import TrainingArguments
-from epochal_core.checkpoint import COMMIT_MARKER, is_complete, verify_checkpoint
+from epochal_core.checkpoint import COMMIT_MARKER, CheckpointChanged, is_complete, verify_checkpoint
 from test_ddp import assert_same_weights, launch, losses
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -74,6 +74,24 @@ def test_fsdp_arguments_use_transformers_spellings_and_refuse_what_fsdp2_cannot_
         with pytest.raises(ValueError, match=rf"TrainingArguments\.{re.escape(field)}=") as err:
             TrainingArguments(output_dir=str(tmp_path), **kwargs)
         assert fix in str(err.value), (kwargs, str(err.value))
+
+
+def test_auto_wrap_picks_units_by_class_or_by_parameter_count():
+    from epochal_core.fsdp import _wrap_units
+    from epochal_core.fsdp_options import FsdpPlan
+
+    model = fsdp_worker.TinyMLP()
+    by_class = _wrap_units(model, FsdpPlan(auto_wrap=True, layer_classes=("Block",)))
+    assert by_class == [model.blocks[1], model.blocks[0]]  # children before parents
+    # Each Block holds 72 parameters; the ModuleList then holds none that are not in a unit.
+    by_count = _wrap_units(model, FsdpPlan(auto_wrap=True, min_num_params=72))
+    assert by_count == [model.blocks[1].linear, model.blocks[0].linear]
+    assert _wrap_units(model, FsdpPlan(auto_wrap=True, min_num_params=144)) == [model.blocks]
+    assert _wrap_units(model, FsdpPlan()) == []
+    with pytest.raises(ValueError, match=r"transformer_layer_cls_to_wrap.*no module of class \['Layer'\]"):
+        _wrap_units(model, FsdpPlan(auto_wrap=True, layer_classes=("Layer",)))
+    with pytest.raises(ValueError, match="nothing says what to wrap"):
+        _wrap_units(model, FsdpPlan(auto_wrap=True))
 
 
 def _single(cfg: dict[str, Any], out: Path, **arg_overrides: Any) -> dict[str, Any]:
@@ -138,6 +156,14 @@ def test_fsdp_matches_ddp_and_one_process_preempts_and_reshards_checkpoints(tmp_
     for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
         assert {f"{folder}/__0_0.distcp", f"{folder}/__1_0.distcp", f"{folder}/.metadata"} <= set(manifest)
     assert "pytorch_model.bin" not in manifest and {"rng_state_0.pth", "rng_state_1.pth"} <= set(manifest)
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    shard = changed / "optimizer_0" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern flipped: only the checksum rank 1 recorded can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointChanged, match=r"optimizer_0/__1_0\.distcp"):
+        verify_checkpoint(changed)
 
     assert output.count("Received SIGTERM") == 1
     p0, p1 = results(tmp_path / "preempted")
