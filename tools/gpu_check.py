@@ -1,15 +1,20 @@
-"""CUDA checks the CPU test suite cannot make: mixed precision, the sync-free non-finite skip, device syncs.
+"""CUDA checks the CPU test suite cannot make: mixed precision, the sync-free non-finite skip, device syncs, FSDP.
 
 Run on a machine with a GPU (not part of the tests)::
 
     PYTHONPATH=packages/epochal-core/src python3 tools/gpu_check.py
 
-Prints one line per check and exits non-zero if one fails.
+Prints one line per check and exits non-zero if one fails. The FSDP check launches this
+script again under ``torchrun`` (one process per GPU, at most 2) as ``--fsdp-worker OUT``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -55,6 +60,66 @@ def check(name: str, ok: bool, detail: str) -> None:
 def losses(trainer: Trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
+
+def fsdp_worker(out: str) -> None:
+    """One rank of the FSDP check: bf16 mixed precision over NCCL, a sharded save, a resume, save_model."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # one GPU: torchrun sets WORLD_SIZE=1, and a 1-rank group still shards
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    fsdp = {"bf16": True, "fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 10_000},
+            "save_strategy": "steps", "save_steps": 20, "logging_steps": 10, "output_dir": out}
+    model = MLP()
+    compute: list[torch.dtype] = []
+    model.net[0].register_forward_pre_hook(lambda module, inputs: compute.append(module.weight.dtype))
+    t = Trainer(model, args(max_steps=40, **fsdp), train_dataset=data())
+    t.train()
+    resumed = Trainer(MLP(), args(max_steps=60, **fsdp), train_dataset=data())
+    resumed.train(resume_from_checkpoint=True)
+    resumed.save_model(os.path.join(out, "final"))
+    master = {str(p.dtype) for p in t.model.parameters()}
+    if t.is_world_process_zero():
+        saved = torch.load(os.path.join(out, "final", "pytorch_model.bin"), weights_only=True)
+        report = {
+            "backend": dist.get_backend(), "world": dist.get_world_size(), "wrapped": type(t.model).__name__,
+            "losses": losses(t), "resumed_losses": losses(resumed), "resumed_step": resumed.state.global_step,
+            "compute_dtype": str(compute[-1]), "master_dtypes": sorted(master),
+            "saved_finite": all(bool(torch.isfinite(v).all()) for v in saved.values()),
+            "saved_shapes": {k: list(v.shape) for k, v in saved.items()},
+        }
+        with open(os.path.join(out, "fsdp-report.json"), "w") as file:
+            json.dump(report, file)
+
+
+def check_fsdp() -> None:
+    """Launch :func:`fsdp_worker` under torchrun and check what rank 0 reported."""
+    out = tempfile.mkdtemp()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nproc = max(1, min(torch.cuda.device_count(), 2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", __file__, "--fsdp-worker", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        with open(os.path.join(out, "fsdp-report.json")) as file:
+            r = json.load(file)
+    except OSError:
+        check("FSDP2 with NCCL and bf16", False, f"exit {proc.returncode}: {proc.stdout[-1500:]}{proc.stderr[-3000:]}")
+        return
+    ls = r["losses"]
+    ok = (proc.returncode == 0 and r["backend"] == "nccl" and r["wrapped"].startswith("FSDP")
+          and r["compute_dtype"] == "torch.bfloat16" and r["master_dtypes"] == ["torch.float32"]
+          and all(map(math.isfinite, ls + r["resumed_losses"])) and ls[-1] < ls[0]
+          and r["resumed_step"] == 60 and r["saved_finite"] and r["saved_shapes"]["net.0.weight"] == [256, 64])
+    check(f"FSDP2 with NCCL and bf16 on {r['world']} GPU(s)", ok,
+          f"backend={r['backend']}, compute {r['compute_dtype']}, master {r['master_dtypes']}, "
+          f"loss {ls[0]:.4f} -> {ls[-1]:.4f}, resumed to step {r['resumed_step']}, exit {proc.returncode}")
+
+
+if len(sys.argv) == 3 and sys.argv[1] == "--fsdp-worker":
+    fsdp_worker(sys.argv[2])
+    sys.exit(0)
 
 for precision in ("fp16", "bf16"):
     t = Trainer(MLP(), args(**{precision: True}), train_dataset=data())
@@ -103,5 +168,6 @@ torch.cuda.set_sync_debug_mode(0)
 bad = {s: n for s, n in counter.per_step.items() if s not in (1, 21)}
 check("no device sync per step unless a log is due", not bad,
       f"steps whose preceding step synced: {counter.per_step} (logs at 20, 40)")
+check_fsdp()
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
 sys.exit(0 if all(ok for _, ok, _ in results) else 1)

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def launch(
     tmp_path: Path, runs: list[dict[str, Any]], *, launcher_args: list[str] | None = None, name: str = "cfg",
-    port: int | None = None,
+    port: int | None = None, worker: Path = WORKER,
 ) -> subprocess.Popen[str]:
     """Start ``torchrun`` on the worker; a single node of 2 processes unless ``launcher_args`` say otherwise."""
     config = tmp_path / f"{name}.json"
@@ -42,7 +42,7 @@ def launch(
     rendezvous = launcher_args or ["--nproc_per_node=2"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", *rendezvous,
-        "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", str(WORKER), str(config),
+        "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", str(worker), str(config),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -42,6 +42,8 @@ CASES = [
     ({"report_to": 5}, "report_to", "5", "use 'all', 'none', or a list of integration names"),
     ({"report_to": ["all", "wandb"]}, "report_to", "['all', 'wandb']", "cannot be combined with other names"),
     ({"label_names": "labels"}, "label_names", "'labels'", "use a list of batch keys"),
+    # issue 20 (the fsdp/fsdp_config errors of fsdp_options.py are in test_fsdp.py)
+    ({"fsdp": "full_shard", "fp16": True}, "fp16", "True", "use bf16=True"),
 ]
 
 

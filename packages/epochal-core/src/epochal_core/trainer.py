@@ -34,12 +34,21 @@ from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_
 from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
 from .flow import DefaultFlowCallback
+from .fsdp import (
+    full_model_state_dict,
+    global_grad_norm,
+    is_sharded,
+    is_sharded_checkpoint,
+    load_sharded,
+    plain_tensor,
+    shard_model,
+)
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
 from .model_conventions import enable_gradient_checkpointing, flops_counter
-from .model_files import load_model_files, save_model_folder, unwrap_model
+from .model_files import WEIGHTS_NAME, load_model_files, save_model_folder, unwrap_model
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .schedules import get_scheduler
@@ -594,6 +603,8 @@ class Trainer:
                 reporter.drain()
 
     def _wrap_model(self) -> nn.Module:
+        if self.args.fsdp:
+            return self._shard_model()
         if not self.is_distributed:
             return self.model
         if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
@@ -603,6 +614,17 @@ class Trainer:
             self.model, device_ids=device_ids,
             find_unused_parameters=bool(self.args.ddp_find_unused_parameters),
         )
+
+    def _shard_model(self) -> nn.Module:
+        """Shard the model with FSDP2 over all ranks (issue 20); one process without a process group trains it whole."""
+        plan = self.args.fsdp_plan
+        if plan is None or is_sharded(self.model):
+            return self.model
+        if not torch.distributed.is_initialized():
+            logger.info("fsdp in one process: the model is trained whole; checkpoints are still sharded (DCP).")
+            return self.model
+        shard_model(self.model, plan, self.device, bf16=self.args.bf16, optimizer=self.optimizer)
+        return self.model
 
     def _inner_training_loop(self, checkpoint: Path | None) -> TrainOutput:
         run = self._plan_run()
@@ -659,7 +681,7 @@ class Trainer:
         return TrainingSnapshot(
             self.args, self.state, self.control, self.model, self.optimizer,  # type: ignore[arg-type]
             self.lr_scheduler, self.scaler, self.callback_handler.callbacks, self._log_store,
-            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device, sharded=bool(self.args.fsdp),
             processing_class=self.processing_class,
         )
 
@@ -740,8 +762,8 @@ class Trainer:
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
         if self._count_flos is not None:
             self._pending_flos += self._count_flos(inputs)
-        if self.is_distributed and not is_update:
-            with run.model.no_sync():  # type: ignore[operator]
+        if not is_update and isinstance(run.model, nn.parallel.DistributedDataParallel):
+            with run.model.no_sync():
                 loss = self.training_step(run.model, inputs, run.micro_batches)
         else:
             loss = self.training_step(run.model, inputs, run.micro_batches)
@@ -757,7 +779,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
         if args.max_grad_norm > 0:
-            run.grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+            # Under fsdp the norm of the sharded (DTensor) gradients is the global one, read in full.
+            run.grad_norm = plain_tensor(torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm))
         skip = self._check_update(run)
         self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
         if not skip:
@@ -792,7 +815,9 @@ class Trainer:
         # Under DDP the all-reduced gradients are the same on every rank, a rank's own loss
         # is not: deciding on them keeps the replicas identical.
         if self.is_distributed:
-            checked = [grad_norm if grad_norm is not None else _grad_norm(run.params)]
+            if grad_norm is None:
+                grad_norm = global_grad_norm(run.params) if is_sharded(self.model) else _grad_norm(run.params)
+            checked = [grad_norm]
         else:
             checked = [loss] if grad_norm is None else [loss, grad_norm]
         if run.guard == "on_device":
@@ -960,6 +985,9 @@ class Trainer:
     def _load_best_model(self) -> None:
         path = Path(self.state.best_model_checkpoint or "")
         logger.info("Loading best model from %s (score: %s).", path, self.state.best_metric)
+        if is_sharded_checkpoint(path):  # every rank loads its shards
+            load_sharded(self.model, None, path)
+            return
         load_model_files(self.model, path)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -1042,6 +1070,7 @@ class Trainer:
         preds: list[Any] = []
         labels: list[Any] = []
         batches = 0
+        padding = self._fsdp_eval_padding(dataloader)
         try:
             for inputs in dataloader:
                 loss, logits, label = self.prediction_step(model, inputs)
@@ -1059,6 +1088,8 @@ class Trainer:
                         labels.append(_detach_cpu(label))
                 batches += 1
                 self.control = handler.on_prediction_step(self.args, self.state, self.control)
+            for _ in range(padding):  # fsdp: a forward is a collective, so every rank runs as many
+                self.prediction_step(model, inputs)
         finally:
             model.train(was_training)
         # An iterable dataset is not sharded: every rank saw all of it, and gathering would repeat it.
@@ -1083,6 +1114,22 @@ class Trainer:
         metrics[f"{prefix}_samples_per_second"] = num_samples / runtime if runtime > 0 else 0.0
         metrics[f"{prefix}_steps_per_second"] = batches / runtime if runtime > 0 else 0.0
         return PredictionOutput(predictions, label_ids, metrics)
+
+    def _fsdp_eval_padding(self, dataloader: Iterable[Any]) -> int:
+        """Extra forwards this rank runs (results dropped) so every rank runs as many as the longest shard.
+
+        Under fsdp each forward all-gathers parameters: a rank with one batch fewer
+        (uneven evaluation shards) would leave the others waiting.
+        """
+        if not (is_sharded(self.model) and isinstance(getattr(dataloader, "batch_sampler", None), EpochBatchSampler)):
+            return 0
+        mine = len(dataloader)  # type: ignore[arg-type]
+        longest = int(all_reduce_(torch.tensor([mine], device=self.device), op="max").item())
+        if mine == 0 and longest:
+            raise ValueError(
+                "Evaluation under fsdp needs at least one batch per rank: use more evaluation samples than ranks."
+            )
+        return longest - mine
 
     def _gather_objects(self, chunks: list[Any]) -> list[Any]:
         gathered: list[Any] = [None] * self.dist.world_size
@@ -1110,10 +1157,21 @@ class Trainer:
         is saved as ``pytorch_model.bin`` (its ``state_dict``). ``processing_class`` is
         saved too when it has ``save_pretrained``. Each file is written and fsynced in a
         temporary folder, then renamed into place.
+
+        Under ``fsdp`` every rank must call it: the shards are gathered into one
+        consolidated state dict (on the CPU) that rank zero writes as ``pytorch_model.bin``.
         """
+        state = full_model_state_dict(self.model) if is_sharded(self.model) else None
         if not self.is_world_process_zero():
             return
-        save_model_folder(self.model, output_dir or self.args.output_dir, self.processing_class)
+        if state is None:
+            save_model_folder(self.model, output_dir or self.args.output_dir, self.processing_class)
+            return
+        target = Path(output_dir or self.args.output_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{WEIGHTS_NAME}.tmp"
+        ckpt.save_file(state, tmp)
+        os.replace(tmp, target / WEIGHTS_NAME)
 
     def save_state(self) -> None:
         """Write ``trainer_state.json`` into ``output_dir`` (world rank zero)."""

@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from .fsdp_options import FsdpPlan, normalise_fsdp, normalise_fsdp_config, plan_fsdp
+
 __all__ = ["SCHEDULER_TYPES", "TrainingArguments"]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,12 @@ class TrainingArguments:
             models have it): recompute activations in the backward pass to save memory.
         gradient_checkpointing_kwargs: Passed to ``gradient_checkpointing_enable`` (e.g.
             ``{"use_reentrant": False}``).
+        fsdp: Fully sharded data parallelism (FSDP2) under torchrun, in transformers' words:
+            ``"full_shard"`` or ``"shard_grad_op"``, plus ``"auto_wrap"`` and/or ``"offload"``
+            (e.g. ``"full_shard auto_wrap"``); ``True`` means ``"full_shard"``. Normalised to a list.
+        fsdp_config: Dict (or JSON file path) with ``transformer_layer_cls_to_wrap`` (class
+            names) or ``min_num_params`` for ``auto_wrap``, and ``reshard_after_forward``,
+            ``offload_params``; keys may carry transformers' ``fsdp_`` prefix.
 
     Raises:
         ValueError: For an invalid value or an inconsistent combination.
@@ -163,6 +171,9 @@ class TrainingArguments:
     # issue 21: models with transformers' conventions.
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    # issue 20: fully sharded data parallelism (FSDP2, torch's fully_shard)
+    fsdp: str | list[str] | bool | None = ""
+    fsdp_config: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)
@@ -221,6 +232,22 @@ class TrainingArguments:
             isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names)
         ):
             raise _bad("label_names", self.label_names, "use a list of batch keys, e.g. ['labels'].")
+        self._resolve_fsdp()  # issue 20
+
+    def _resolve_fsdp(self) -> None:
+        self.fsdp = normalise_fsdp(self.fsdp)
+        self.fsdp_config = normalise_fsdp_config(self.fsdp_config, self.fsdp)
+        plan_fsdp(self.fsdp, self.fsdp_config)  # raises on a combination FSDP2 cannot honour
+        if self.fsdp and self.fp16:
+            raise _bad(
+                "fp16", self.fp16,
+                "fp16 loss scaling is not supported with fsdp; use bf16=True (FSDP2 mixed precision, no scaler).",
+            )
+
+    @property
+    def fsdp_plan(self) -> FsdpPlan | None:
+        """How the model is sharded (``None`` without ``fsdp``)."""
+        return plan_fsdp(self.fsdp, self.fsdp_config)  # type: ignore[arg-type]
 
     @staticmethod
     def _check_interval(name: str, value: float | None, required: bool) -> None:

@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from .control import TrainerControl
 from .distributed import barrier
+from .fsdp import OPTIMIZER_DIR, is_sharded, is_sharded_checkpoint, load_sharded, save_sharded
 from .log_history import LogHistoryStore
 from .model_files import WEIGHTS_NAME, adopt_written, has_save_pretrained, load_model_files, write_model_files
 from .state import TRAINER_STATE_NAME, TrainerState
@@ -83,6 +84,7 @@ class TrainingSnapshot:
         world_size: Processes in the job.
         device: Where optimizer state is loaded to.
         processing_class: The tokenizer or processor; saved with the model when it has ``save_pretrained``.
+        sharded: Save the model and optimizer as DCP shards, every rank its own (``fsdp``).
     """
 
     args: TrainingArguments
@@ -98,6 +100,7 @@ class TrainingSnapshot:
     world_size: int = 1
     device: torch.device | str = "cpu"
     processing_class: Any = None
+    sharded: bool = False  # issue 20: model and optimizer as DCP shards (fsdp)
 
 
 def rng_file_name(rank: int, world_size: int) -> str:
@@ -143,13 +146,18 @@ def _best_checkpoint(root: Path, state: TrainerState) -> str | None:
 def _write_files(snap: TrainingSnapshot, writer: FolderWriter, root: Path) -> None:
     """Write this rank's share of the checkpoint: rank 0 the shared files, every rank its RNG state."""
     args, state = snap.args, snap.state
+    if snap.sharded:  # every rank writes its shards (a collective), before rank 0's shared files
+        optimizer = None if args.save_only_model else snap.optimizer
+        writer.files.update(save_sharded(snap.model, optimizer, writer.folder, snap.rank))
     if snap.rank == 0:
-        # save_pretrained (transformers, PEFT: the adapter alone) when the model has it, else the state_dict.
-        write_model_files(snap.model, writer)
+        if not snap.sharded:
+            # save_pretrained (transformers, PEFT: the adapter alone) when the model has it, else the state_dict.
+            write_model_files(snap.model, writer)
         if has_save_pretrained(snap.processing_class):
             adopt_written(writer, snap.processing_class.save_pretrained)
-        if not args.save_only_model:
+        if not args.save_only_model and not snap.sharded:
             writer.save(snap.optimizer.state_dict(), OPTIMIZER_NAME)
+        if not args.save_only_model:
             writer.save(snap.lr_scheduler.state_dict(), SCHEDULER_NAME)
             if snap.scaler is not None:
                 writer.save(snap.scaler.state_dict(), SCALER_NAME)
@@ -203,6 +211,21 @@ def _load_state(snap: TrainingSnapshot, path: Path) -> TrainerState:
     return state
 
 
+def _load_shards(snap: TrainingSnapshot, path: Path) -> None:
+    """Load an ``fsdp`` checkpoint's DCP shards, resharded to this job's world size (any, one included)."""
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(
+            f"{str(path)!r} was saved without fsdp (pytorch_model.bin): resume it without fsdp, or start "
+            "the fsdp run from its weights (model.load_state_dict before building the Trainer)."
+        )
+    if not (path / OPTIMIZER_DIR).is_dir():
+        raise CheckpointError(
+            f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
+            "training. Load its weights with epochal_core.fsdp.load_sharded(model, None, path) instead."
+        )
+    load_sharded(snap.model, snap.optimizer, path)
+
+
 def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[TrainerState, TrainerControl | None]:
     """Restore ``snap``'s objects from committed checkpoint ``path``, after checking every file.
 
@@ -216,13 +239,16 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
     """
     verify_checkpoint(path)
     state = _load_state(snap, path)
-    load_model_files(snap.model, path)
-    if not (path / OPTIMIZER_NAME).exists():
-        raise CheckpointError(
-            f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
-            "training. Load its weights with model.load_state_dict instead."
-        )
-    snap.optimizer.load_state_dict(load_file(path / OPTIMIZER_NAME, map_location=snap.device))
+    if is_sharded_checkpoint(path) or is_sharded(snap.model):
+        _load_shards(snap, path)  # issue 20
+    else:
+        load_model_files(snap.model, path)
+        if not (path / OPTIMIZER_NAME).exists():
+            raise CheckpointError(
+                f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
+                "training. Load its weights with model.load_state_dict instead."
+            )
+        snap.optimizer.load_state_dict(load_file(path / OPTIMIZER_NAME, map_location=snap.device))
     snap.lr_scheduler.load_state_dict(load_file(path / SCHEDULER_NAME))
     if snap.scaler is not None and (path / SCALER_NAME).exists():
         snap.scaler.load_state_dict(load_file(path / SCALER_NAME))
