@@ -136,6 +136,9 @@ class Reporter:
         self._pending: deque[Any] = deque()
         # Wakes the worker early (backlog, drain, close); it also wakes on its own every BATCH_INTERVAL.
         self._wake = threading.Event()
+        # One call into the integration at a time: the worker's end_batch on a quiet wake-up must not
+        # overlap an event the training thread runs itself (on_save, on_train_end -> finish).
+        self._call_lock = threading.RLock()
         # Guards the counters below; notified when the worker finished a batch.
         self._progress = threading.Condition(threading.Lock())
         self._submitted = 0  # written by the training thread only
@@ -280,15 +283,16 @@ class Reporter:
             self._progress.notify_all()
 
     def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
-        try:
-            if event == "on_log" and self._log_handler is not None:
-                self._log_handler(args, state, kwargs.get("logs"), kwargs)
-            elif event == "end_batch":
-                self.callback.end_batch()
-            else:
-                getattr(self.callback, event)(args, state, control, **kwargs)
-        except Exception as err:
-            self._fail(event, err, args, state, control, kwargs)
+        with self._call_lock:
+            try:
+                if event == "on_log" and self._log_handler is not None:
+                    self._log_handler(args, state, kwargs.get("logs"), kwargs)
+                elif event == "end_batch":
+                    self.callback.end_batch()
+                else:
+                    getattr(self.callback, event)(args, state, control, **kwargs)
+            except Exception as err:
+                self._fail(event, err, args, state, control, kwargs)
 
     def _fail(self, event: str, err: Exception, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
         # The integration raised ``err`` in ``event``: disable it, record the failure, let it close its run.
