@@ -183,13 +183,13 @@ class Reporter:
     def _make_inline_dispatcher(self, event: str) -> Any:
         # An inline integration's everyday events (its logs): nothing is ever queued for it, so
         # there is nothing to drain; it runs now, so event_time stays None.
-        run, has_end_batch = self._run, self._has_end_batch
+        run, has_end_batch = self._call, self._has_end_batch
 
         def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
             if not self.disabled:
                 run(event, args, state, control, kwargs)
                 if has_end_batch and not self.disabled:
-                    self._end_batch(args, state, control)
+                    run("end_batch", args, state, control, {})
             if self._failure is not None:
                 self._check()
             return None
@@ -284,15 +284,20 @@ class Reporter:
 
     def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
         with self._call_lock:
-            try:
-                if event == "on_log" and self._log_handler is not None:
-                    self._log_handler(args, state, kwargs.get("logs"), kwargs)
-                elif event == "end_batch":
-                    self.callback.end_batch()
-                else:
-                    getattr(self.callback, event)(args, state, control, **kwargs)
-            except Exception as err:
-                self._fail(event, err, args, state, control, kwargs)
+            self._call(event, args, state, control, kwargs)
+
+    def _call(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        # Unlocked: only an inline integration's everyday events call it directly (its worker never
+        # runs anything, so there is nothing to exclude and its logs skip the lock).
+        try:
+            if event == "on_log" and self._log_handler is not None:
+                self._log_handler(args, state, kwargs.get("logs"), kwargs)
+            elif event == "end_batch":
+                self.callback.end_batch()
+            else:
+                getattr(self.callback, event)(args, state, control, **kwargs)
+        except Exception as err:
+            self._fail(event, err, args, state, control, kwargs)
 
     def _fail(self, event: str, err: Exception, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
         # The integration raised ``err`` in ``event``: disable it, record the failure, let it close its run.
