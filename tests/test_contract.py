@@ -210,13 +210,20 @@ def test_survives_a_full_scripted_run_offline_and_strict(info: IntegrationInfo, 
     home = Path(os.environ["HOME"])
     home_before = tree(home)
 
-    run = scripted_run(cls(), output_dir=tmp_path / "out", strict=True)
+    callback = cls()
+    run = scripted_run(callback, output_dir=tmp_path / "out", strict=True)
 
     assert run.failures == []
     assert run.state.global_step == 10
     assert run.events[-1] == "on_train_end"
     assert [Path(c).name for c in run.checkpoints] == ["checkpoint-5", "checkpoint-10"]
     assert tree(home) == home_before, f"{cls.__name__} wrote into HOME: {sorted(tree(home) - home_before)}"
+    # The end-of-training summary's line, asked after the run finished: text or None; a bare local
+    # path (not a URL, not a described location) must be there to open.
+    location = callback.log_location() if hasattr(callback, "log_location") else None
+    assert location is None or (isinstance(location, str) and location), repr(location)
+    if location and os.path.isabs(location) and " " not in location:
+        assert Path(location).exists(), f"{cls.__name__}.log_location() names {location!r}, which does not exist"
 
 
 def test_state_dict_survives_json(info: IntegrationInfo) -> None:

@@ -118,15 +118,7 @@ def doc_files() -> list[Path]:
 #: Package READMEs whose blocks do not run yet and that other branches rewrite (issues 14-17), with
 #: why: their tests are expected failures until the rewrite lands, then the entry goes. Files only,
 #: never the root README, the core's or docs/ (those must run). Non-strict: a block that passes is fine.
-PENDING_REWRITE = {
-    "packages/epochal/README.md": "eval_steps=200 with load_best_model_at_end needs save_steps=200 (save_steps=500)",
-    "packages/epochal-dvclive/README.md": "uses `data`; the docs' names are `train_ds` and `eval_ds`",
-    "packages/epochal-neptune/README.md": (
-        "uses `data` and `val` (the docs' names are `train_ds`, `eval_ds`); the read-back block globs "
-        "`.neptune/offline`, where NEPTUNE_DATA_DIRECTORY (set by the tests) moves the data"
-    ),
-    "packages/epochal-tensorboard/README.md": "uses `data`; the docs' names are `train_ds` and `eval_ds`",
-}
+PENDING_REWRITE: dict[str, str] = {}
 
 BLOCKS: dict[Path, list[Block]] = {path: extract_blocks(path.read_text(encoding="utf-8"), path) for path in doc_files()}
 ALL_BLOCKS = [block for blocks in BLOCKS.values() for block in blocks]

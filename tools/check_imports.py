@@ -5,7 +5,8 @@ Rules (DESIGN.md section 2, CONVENTIONS.md item 7), checked on every module unde
 
 - ``epochal_core`` imports nothing from another workspace package (it stays vendorable);
 - an integration imports ``epochal_core`` and itself, never another integration;
-- the meta-package ``epochal`` may import every package (it re-exports them).
+- the meta-package ``epochal`` may import every package (it re-exports them);
+- the declared exceptions of :data:`ALLOWED` (DagsHub on MLflow, the demo on the meta-package).
 
 Plain ``import``/``from ... import`` statements count wherever they are (also under
 ``TYPE_CHECKING`` or inside functions), and so do ``importlib.import_module("...")``
@@ -35,6 +36,8 @@ META = "epochal"
 ALLOWED: dict[str, frozenset[str]] = {
     # DagsHub's tracking is MLflow's protocol: DagsHubCallback subclasses MLflowCallback.
     "epochal_dagshub": frozenset({"epochal_mlflow"}),
+    # The workspace-only demo runs through the meta-package, as a user who installed `epochal` would.
+    "epochal_demo": frozenset({"epochal"}),
 }
 
 

@@ -148,6 +148,11 @@ class $cls(IntegrationCallback):
         if run is None:
             return
         # TODO: close the run, marked as failed when status == "failed".
+
+    def log_location(self) -> str | None:
+        """Where the user opens the run (its URL, or its local folder offline), for the end summary."""
+        # TODO: record it in setup() (finish() has closed the run by the time this is asked).
+        return None
 ''')
 
 README = Template('''\
@@ -184,6 +189,10 @@ TODO: a table (when, what, SDK call), with the names transformers' `$cls` uses.
 ## Environment variables
 
 TODO: the variables transformers' callback honours, and the SDK's own.
+
+## Offline use
+
+TODO: how to run without an account or network, where the files go, and how to upload them later.
 
 ## Resume
 

@@ -31,9 +31,10 @@ def _eval_losses(output_dir: Path) -> list[float]:
     return [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
 
 
-def test_demo_trains_checkpoints_and_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow  # imports tensorboardX, dvclive and matplotlib
+def test_demo_trains_logs_plots_and_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "demo"
-    assert main([*TINY, "--output-dir", str(out_dir)]) == 0
+    assert main([*TINY, "--output-dir", str(out_dir)]) == 0  # default --report-to: tensorboard dvclive
     printed = capsys.readouterr().out
 
     checkpoints = ckpt.list_checkpoints(out_dir)
@@ -47,8 +48,36 @@ def test_demo_trains_checkpoints_and_samples(tmp_path: Path, capsys: pytest.Capt
     assert len(losses) >= 2
     assert losses[-1] < losses[0], losses
 
+    # TensorBoard: event files holding every eval loss of the run, read back with TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list((out_dir / "runs").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out_dir / "runs"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx(losses, rel=1e-6)
+    # DVCLive: its summary and one row per evaluation.
+    metrics = json.loads((out_dir / "dvclive" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["eval"]["loss"] == pytest.approx(losses[-1])
+    rows = (out_dir / "dvclive" / "plots" / "metrics" / "eval" / "loss.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 + len(losses)
+
+    # The picture: a real PNG of the default size, named at the end with the summary.
+    from epochal_core.plot import DEFAULT_SIZE
+    from PIL import Image
+
+    png = out_dir / "training_curves.png"
+    with Image.open(png) as image:
+        assert (image.format, image.size) == ("PNG", DEFAULT_SIZE)
+        image.load()
+        low, high = image.convert("L").getextrema()
+        assert low < high  # drawn, not blank
+
+    summary = printed[printed.index("Training finished: "):]
+    assert f"  tensorboard logs: {out_dir / 'runs'}" in summary
+    assert f"  dvclive logs: {out_dir / 'dvclive'}" in summary
+    assert f"  training curves: {png}" in summary
     assert f"Output folder: {out_dir.resolve()}" in printed
-    assert "First eval loss:" in printed and "Last eval loss:" in printed
+    assert "  eval_loss went from" in summary
     sample = re.search(r"Sample \(temperature [^)]*\):\n-{40}\n(.*)\n-{40}\n", printed, re.DOTALL)
     assert sample is not None, printed
     assert sample.group(1).startswith("def ")
@@ -59,7 +88,8 @@ def test_demo_time_budget_stops_early_with_a_final_eval_and_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out_dir = tmp_path / "budget"
-    args = [*TINY, "--max-steps", "1000", "--seconds", "0.001", "--sample-chars", "5", "--output-dir", str(out_dir)]
+    args = [*TINY, "--max-steps", "1000", "--seconds", "0.001", "--sample-chars", "5", "--report-to", "none",
+            "--no-plot", "--output-dir", str(out_dir)]
     assert main(args) == 0
     capsys.readouterr()
     state = json.loads((out_dir / "trainer_state.json").read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ files or network calls of its own there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -63,6 +64,7 @@ class AzureMLCallback(IntegrationCallback):
         #: The AzureML run logged to (set at setup unless given).
         self.azureml_run: Any = azureml_run
         self._given = azureml_run is not None
+        self._location: str | None = None  # the run's studio page, for log_location()
 
     @classmethod
     def configuration_problem(cls) -> str | None:
@@ -83,6 +85,13 @@ class AzureMLCallback(IntegrationCallback):
             # A new AzureML run (another job) holds none of the steps the checkpoint's run got.
             self.skip_through_step = -1
         self.run_id = run_id
+        self._location = None
+        with contextlib.suppress(Exception):  # the offline run has no portal page; never fail setup for a link
+            self._location = str(self.azureml_run.get_portal_url())
+
+    def log_location(self) -> str | None:
+        """The run's page in Azure ML studio, when the job's run knows it (``None`` for the offline run)."""
+        return self._location
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """``run.log(key, value, description=key)`` for each metric."""

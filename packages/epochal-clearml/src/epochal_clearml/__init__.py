@@ -34,6 +34,7 @@ offline session instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -127,6 +128,7 @@ class ClearMLCallback(IntegrationCallback):
         self._owns_task = False
         self._log_model = False
         self._offline = False
+        self._location: str | None = None  # the task page or offline zip, for log_location()
         self._routes: dict[str, tuple[str, str] | None] = {}  # log key -> (title, series), None: single value
         self._restore: list[tuple[Any, str, Any]] = []  # class attributes to put back after the task closed
         self._environ: dict[str, str] | None = None  # ClearML's environment variables before Task.init
@@ -170,6 +172,10 @@ class ClearMLCallback(IntegrationCallback):
             default_log_model = True
         self.run_id = str(self.task.id)
         self._offline = bool(task_cls.is_offline())
+        self._location = None
+        with contextlib.suppress(Exception):  # best effort: a summary line, never a failed setup
+            self._location = (str(self.task.get_offline_mode_folder()) + ".zip" if self._offline
+                              else str(self.task.get_output_log_web_page()))
         self._log_model = self.log_model if self.log_model is not None else _env_true(
             "CLEARML_LOG_MODEL", default_log_model
         )
@@ -185,6 +191,10 @@ class ClearMLCallback(IntegrationCallback):
             self.task.set_configuration_object(
                 name=MODEL_CONFIG_SECTION, config_dict=config, description="The configuration of the model."
             )
+
+    def log_location(self) -> str | None:
+        """The task's web page, or the offline session's zip (``Task.import_offline_session`` loads it)."""
+        return self._location
 
     def _contain(self, clearml: Any) -> None:
         task_cls = clearml.Task

@@ -108,6 +108,10 @@ class CodeCarbonCallback(IntegrationCallback):
         self.tracker = codecarbon.OfflineEmissionsTracker(**tracker_kwargs)
         self.tracker.start()
 
+    def log_location(self) -> str | None:
+        """The CSV file the run's emissions row goes to."""
+        return os.path.abspath(self.emissions_file) if self.emissions_file else None
+
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Nothing: CodeCarbon records energy, not training metrics."""
 

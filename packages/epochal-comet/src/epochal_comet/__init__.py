@@ -131,6 +131,7 @@ class CometCallback(IntegrationCallback):
         self._key_lock = threading.Lock()
         self._continue = False  # the key names an experiment that already exists
         self._output_dir: str | None = None
+        self._location: str | None = None  # the experiment URL or offline archive, for log_location()
         self._error: str | None = None
 
     @classmethod
@@ -188,11 +189,21 @@ class CometCallback(IntegrationCallback):
             experiment_config=config,
         )
         self._continue = True
+        archive_name = getattr(self.experiment, "_get_offline_archive_file_name", None)
+        if callable(archive_name):  # offline: the name the archive gets when the experiment ends
+            directory = os.path.abspath(str(self.experiment.offline_directory))
+            self._location = os.path.join(directory, archive_name())
+        else:
+            self._location = getattr(self.experiment, "url", None)
         # transformers' CometCallback.setup logs {"args": args.to_dict(), "config": model.config.to_dict()}
         # flattened by Comet ("args|learning_rate", "config|hidden_size"); log_parameters flattens the same way.
         self.experiment.log_parameters(self.hyperparameters(args, model))
         if self.log_graph and model is not None:
             self.experiment.set_model_graph(model)
+
+    def log_location(self) -> str | None:
+        """The experiment's URL, or the offline archive (``comet upload <archive>`` sends it)."""
+        return self._location
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Log ``metrics`` at ``step`` with the current epoch."""

@@ -136,6 +136,9 @@ class Reporter:
         self._pending: deque[Any] = deque()
         # Wakes the worker early (backlog, drain, close); it also wakes on its own every BATCH_INTERVAL.
         self._wake = threading.Event()
+        # One call into the integration at a time: the worker's end_batch on a quiet wake-up must not
+        # overlap an event the training thread runs itself (on_save, on_train_end -> finish).
+        self._call_lock = threading.RLock()
         # Guards the counters below; notified when the worker finished a batch.
         self._progress = threading.Condition(threading.Lock())
         self._submitted = 0  # written by the training thread only
@@ -180,13 +183,13 @@ class Reporter:
     def _make_inline_dispatcher(self, event: str) -> Any:
         # An inline integration's everyday events (its logs): nothing is ever queued for it, so
         # there is nothing to drain; it runs now, so event_time stays None.
-        run, has_end_batch = self._run, self._has_end_batch
+        run, has_end_batch = self._call, self._has_end_batch
 
         def dispatch(args: Any, state: Any, control: Any, /, **kwargs: Any) -> None:
             if not self.disabled:
                 run(event, args, state, control, kwargs)
                 if has_end_batch and not self.disabled:
-                    self._end_batch(args, state, control)
+                    run("end_batch", args, state, control, {})
             if self._failure is not None:
                 self._check()
             return None
@@ -280,6 +283,12 @@ class Reporter:
             self._progress.notify_all()
 
     def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        with self._call_lock:
+            self._call(event, args, state, control, kwargs)
+
+    def _call(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        # Unlocked: only an inline integration's everyday events call it directly (its worker never
+        # runs anything, so there is nothing to exclude and its logs skip the lock).
         try:
             if event == "on_log" and self._log_handler is not None:
                 self._log_handler(args, state, kwargs.get("logs"), kwargs)

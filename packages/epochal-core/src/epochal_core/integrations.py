@@ -10,7 +10,7 @@ steps that run already holds, and finishing the run on train end
 
 A subclass sets :attr:`~IntegrationCallback.sdk` and implements :meth:`setup`,
 :meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_texts`,
-:meth:`log_checkpoint` and :meth:`end_batch`.
+:meth:`log_checkpoint`, :meth:`end_batch` and :meth:`log_location`.
 """
 
 from __future__ import annotations
@@ -232,6 +232,15 @@ class IntegrationCallback(TrainerCallback):
         Also called after :meth:`setup` raised part-way: release whatever it created.
         """
         raise NotImplementedError
+
+    def log_location(self) -> str | None:
+        """Where the user opens this run's logs (a folder, a file or a URL), or ``None`` when unknown.
+
+        The end-of-training summary prints it, one line per integration. It is called on
+        world rank zero after :meth:`finish`, so return what :meth:`setup` recorded (not
+        an SDK object that ``finish`` closed), and keep it cheap: no network. Default: ``None``.
+        """
+        return None
 
     # -- shared helpers ------------------------------------------------------------
     def hyperparameters(self, args: TrainingArguments, model: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from .model_conventions import enable_gradient_checkpointing, flops_counter
 from .model_files import WEIGHTS_NAME, load_model_files, save_model_folder, unwrap_model
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
+from .run_summary import print_run_summary
 from .schedules import get_scheduler
 from .state import TrainerState
 from .training_args import TrainingArguments
@@ -860,6 +861,7 @@ class Trainer:
                 "Training finished, but these integrations failed and were disabled: %s",
                 ", ".join(f"{f.name} ({f.event}: {f.error!r})" for f in self.integration_failures),
             )
+        print_run_summary(self, metrics)
         if self.preempted:
             logger.warning(
                 "Training stopped at step %d because of %s; the checkpoint in %s resumes it "

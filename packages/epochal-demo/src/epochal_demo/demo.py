@@ -1,12 +1,15 @@
 """``epochal-demo``: train a tiny character-level GPT on Python's own standard library source.
 
-Everything it needs ships with Python and epochal-core: the text is a fixed list
-of ``.py`` files read from the standard library folder (no download), the model
-is a small causal transformer written here, and the loop is epochal's
-:class:`~epochal_core.Trainer` with periodic evaluation, rotating
-checkpoints, early stopping and the progress bar. The defaults take about a
-minute on two CPU cores; at the end it prints the first and last evaluation
-loss, a sample generated from a prompt, and the output folder.
+It runs through the ``epochal`` meta-package, as a user who installed it would:
+the text is a fixed list of ``.py`` files read from the standard library folder
+(no download), the model is a small causal transformer written here, and the
+loop is epochal's :class:`~epochal.Trainer` with periodic evaluation, rotating
+checkpoints, early stopping, the progress bar, and TensorBoard and DVCLive logs
+(``--report-to``). The defaults take about a minute on two CPU cores. At the end
+the Trainer prints its summary (steps, time, eval loss, best checkpoint, where
+each tracker's logs are); the demo then draws the run's curves into
+``training_curves.png`` with :func:`epochal_core.plot.plot_run` and prints a
+sample generated from a prompt, the picture and the output folder.
 
 Run it with ``epochal-demo`` (or ``python -m epochal_demo``); ``--help``
 lists the settings.
@@ -27,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from epochal_core import (
+from epochal import (
     EarlyStoppingCallback,
     Trainer,
     TrainerCallback,
@@ -36,12 +39,15 @@ from epochal_core import (
     TrainingArguments,
     set_seed,
 )
+from epochal_core.plot import plot_run
 from torch import nn
 from torch.utils.data import Dataset
 
 __all__ = ["CharTokenizer", "CharWindows", "TinyGPT", "generate", "load_stdlib_text", "main"]
 
 DEFAULT_OUTPUT_DIR = "epochal-demo-output"
+#: The trackers the demo logs to (both write local files: no account, no network).
+DEFAULT_REPORT_TO = ("tensorboard", "dvclive")
 
 # A fixed, ordered list so the corpus is the same on every run of a given Python.
 # Files missing from a version (e.g. modules turned into packages) are skipped.
@@ -346,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def ", help="Start of the generated sample.")
     p.add_argument("--sample-chars", type=int, default=200, help="Characters to generate.")
     p.add_argument("--temperature", type=_positive_float, default=0.8)
-    p.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME", help="'none', 'all' or names.")
+    p.add_argument("--report-to", nargs="+", default=list(DEFAULT_REPORT_TO), metavar="NAME",
+                   help="'none', 'all' or integration names.")
+    p.add_argument("--no-plot", action="store_true", help="Do not draw training_curves.png.")
     p.add_argument("--cpu", action="store_true", help="Train on the CPU even if an accelerator is present.")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice).")
     p.add_argument("--seed", type=int, default=42)
@@ -436,24 +444,18 @@ def main(argv: list[str] | None = None) -> int:
         callbacks.append(_TimeBudget(opts.seconds))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks)
     print(f"Training on {trainer.device} for up to {opts.max_steps} steps.")
-    start = time.perf_counter()
-    result = trainer.train()
-    elapsed = time.perf_counter() - start
+    trainer.train()  # ends with the Trainer's summary: steps, time, eval loss, where the logs are
     trainer.save_model()
     trainer.save_state()
     (output_dir / "vocab.json").write_text(json.dumps(tokenizer.chars), encoding="utf-8")
 
+    # Two more lines under the Trainer's summary: how far the eval loss came, and the picture of the run.
     losses = _eval_losses(trainer.state.log_history)
-    print(
-        f"\nTrained {result.global_step} steps in {result.metrics['train_runtime']:.1f} s "
-        f"({elapsed:.1f} s with setup; mean training loss {result.training_loss:.4f})."
-    )
-    if losses:
+    if len(losses) > 1:
         (first_step, first), (last_step, last) = losses[0], losses[-1]
-        print(f"First eval loss: {first:.4f} (step {first_step})")
-        print(f"Last eval loss:  {last:.4f} (step {last_step})")
-        print(f"Best eval loss:  {trainer.state.best_metric:.4f} (step {trainer.state.best_global_step}), "
-              f"loaded from {trainer.state.best_model_checkpoint}")
+        print(f"  eval_loss went from {first:.4f} (step {first_step}) to {last:.4f} (step {last_step})")
+    if not opts.no_plot:
+        print(f"  training curves: {plot_run(output_dir)}")
 
     prompt_ids = tokenizer.encode(opts.prompt) or data[:1].tolist()
     # `model` is the object the Trainer trained, with the best weights loaded in place.

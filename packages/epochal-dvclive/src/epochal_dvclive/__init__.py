@@ -216,6 +216,10 @@ class DVCLiveCallback(IntegrationCallback):
         if self._user_live is None:
             self.live = None
 
+    def log_location(self) -> str | None:
+        """DVCLive's folder (``metrics.json``, ``plots/metrics/*.tsv``, ``params.yaml``; see ``dvc plots show``)."""
+        return self.run_id
+
     # -- helpers -------------------------------------------------------------------------
     def _require_live(self) -> Live:
         if self.live is None:

@@ -97,11 +97,13 @@ class FlyteCallback(IntegrationCallback):
         #: The task's checkpoint store while inside a task, else ``None``.
         self.checkpoint: Any = None
         self._state: TrainerState | None = None
+        self._location: str | None = None  # the deck, for log_location()
         self._warned = False
 
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any, **kwargs: Any) -> None:
         """Find the running Flyte task's checkpoint store, or warn once that there is no task."""
         self.checkpoint, self._state = None, None
+        self._location = None
         problem = "flytekit is not imported"
         if "flytekit" in sys.modules:
             flytekit = self.import_sdk()
@@ -119,6 +121,11 @@ class FlyteCallback(IntegrationCallback):
                 )
             return
         self._state = state
+        self._location = f'the "{DECK_NAME}" deck of this Flyte task' if self.save_log_history else None
+
+    def log_location(self) -> str | None:
+        """The task's deck, when one is written (inside a Flyte task, with ``save_log_history``)."""
+        return self._location
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Nothing: the deck is written from the log history when training ends."""

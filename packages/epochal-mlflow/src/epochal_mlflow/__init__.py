@@ -93,6 +93,7 @@ class MLflowCallback(IntegrationCallback):
         self._user_run_id: str | None = None
         self._pending: list[Any] = []  # metrics buffered until the reporter's batch ends
         self._log_artifacts = False
+        self._location: tuple[str, str] | None = None  # tracking URI and experiment id, for log_location()
         self._metric_names: dict[str, str] = {}  # log key -> sanitized metric name, computed once per key
 
     @classmethod
@@ -136,11 +137,21 @@ class MLflowCallback(IntegrationCallback):
             self.run_id, self._owns_run = run.info.run_id, True
         if self.resuming:
             self.skip_through_step = max(self.skip_through_step, self._last_logged_step())
+        self._location = (str(client.tracking_uri), str(client.get_run(str(self.run_id)).info.experiment_id))
         self._log_params(args_and_model_config(args, model), max_params)
         if tags:
             from mlflow.entities import RunTag
 
             client.log_batch(str(self.run_id), tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+    def log_location(self) -> str | None:
+        """The run's page on a tracking server, else the tracking URI with the experiment and run ids."""
+        if self._location is None or self.run_id is None:
+            return None
+        uri, experiment_id = self._location
+        if uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
+        return f"{uri} (experiment {experiment_id}, run {self.run_id}; open with `mlflow ui --backend-store-uri {uri}`)"
 
     def _reopen(self, run_id: str) -> None:
         # get_run raises a clear MlflowException (RESOURCE_DOES_NOT_EXIST) for an unknown id.

@@ -140,6 +140,7 @@ class NeptuneCallback(IntegrationCallback):
         self.run_mode: str | None = None
         self._staged: list[Path] = []
         self._finished = False
+        self._location: str | None = None  # the run URL or offline folder, for log_location()
 
     @property
     def run(self) -> Any:
@@ -218,6 +219,12 @@ class NeptuneCallback(IntegrationCallback):
         else:
             self.run_id = str(run["sys/id"].fetch())
         self.run_mode = self._mode
+        self._location = None
+        with contextlib.suppress(Exception):  # best effort: a summary line, never a failed setup
+            if self._mode == "offline":
+                self._location = str(Path(run._op_processor.data_path).resolve())
+            elif self._mode not in LOCAL_MODES:
+                self._location = str(run.get_url())
         if resumed and previous != self.run_id:
             run[f"{ns}/resumed_from"] = str(previous)
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -229,6 +236,10 @@ class NeptuneCallback(IntegrationCallback):
                 from neptune.utils import stringify_unsupported
 
                 run[f"{ns}/model_parameters"] = stringify_unsupported(config)
+
+    def log_location(self) -> str | None:
+        """The run's URL, or its offline folder (``neptune sync`` uploads it); ``None`` in debug mode."""
+        return self._location
 
     def _staging_dir(self) -> Path:
         data_dir = Path(os.environ.get("NEPTUNE_DATA_DIRECTORY", ".neptune")).resolve()

@@ -197,6 +197,13 @@ class TensorBoardCallback(IntegrationCallback):
         if writer is not None:
             writer.close(failed=status != "finished")
 
+    def log_location(self) -> str | None:
+        """The event-file folder (open it with ``tensorboard --logdir <folder>``)."""
+        if self.tb_writer is not None:
+            get_logdir = getattr(self.tb_writer, "get_logdir", None)
+            return os.path.abspath(get_logdir()) if callable(get_logdir) else None
+        return os.path.abspath(self.run_id) if self.run_id else None
+
     def _user_writer(self) -> Any:
         writer = self.tb_writer
         if writer is None:

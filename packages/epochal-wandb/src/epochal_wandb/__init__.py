@@ -120,6 +120,7 @@ class WandbCallback(IntegrationCallback):
         self._owns_run = False
         self._log_model = "false"
         self._artifact_name = ""
+        self._location: str | None = None  # the run URL or offline folder, for log_location()
 
     @classmethod
     def configuration_problem(cls) -> str | None:
@@ -162,6 +163,7 @@ class WandbCallback(IntegrationCallback):
             self.run = wandb.run
         run = self.run
         self.run_id = run.id
+        self._location = getattr(run, "url", None) or (os.path.dirname(run.dir) if getattr(run, "dir", None) else None)
         run.config.update(config, allow_val_change=True)
         num_parameters = _num_parameters(model)
         if num_parameters is not None:
@@ -185,6 +187,10 @@ class WandbCallback(IntegrationCallback):
             with artifact.new_file("model_architecture.txt") as fobj:
                 fobj.write(str(model))
             run.log_artifact(artifact, aliases=["base_model"])
+
+    def log_location(self) -> str | None:
+        """The run's URL, or its local folder when W&B runs offline (``wandb sync <folder>`` uploads it)."""
+        return self._location
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
         """Log ``metrics`` with ``train/global_step``; the end-of-training figures go to the summary."""
