@@ -73,3 +73,11 @@ def test_every_value_error_path_is_exercised():
         reached.add(_raise_line(raised.value))
     assert raising, "no raise sites found: the pattern is stale"
     assert reached == raising, f"not exercised: lines {sorted(raising - reached)}"
+
+
+@pytest.mark.parametrize("extra", [{}, {"fsdp": "full_shard auto_wrap", "fsdp_config": {"min_num_params": 10}}])
+def test_to_dict_round_trips_through_the_constructor(extra):
+    """Scripts rebuild arguments with TrainingArguments(**args.to_dict()); every normalised field must load back."""
+    args = TrainingArguments(output_dir="out", **extra)
+    again = TrainingArguments(**args.to_dict())
+    assert again.to_dict() == args.to_dict()

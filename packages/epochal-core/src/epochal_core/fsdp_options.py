@@ -56,13 +56,13 @@ class FsdpPlan:
 
 
 def normalise_fsdp(value: Any) -> list[str]:
-    """``fsdp`` as a list of options (``""``/``False``/``None``: off; ``True``: ``["full_shard"]``).
+    """``fsdp`` as a list of options (``""``/``[]``/``False``/``None``: off; ``True``: ``["full_shard"]``).
 
     Raises:
         ValueError: An option that is unknown or that epochal refuses, with the fix.
     """
-    if value is None or value is False or value == "":
-        return []
+    if value is None or value is False or value == "" or (isinstance(value, (list, tuple)) and not value):
+        return []  # [] too: TrainingArguments(**args.to_dict()) must round-trip
     if value is True:
         return ["full_shard"]
     words = value.split() if isinstance(value, str) else value
