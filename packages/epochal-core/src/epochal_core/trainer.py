@@ -33,11 +33,13 @@ from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
+from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
+from .model_inputs import RemoveUnusedKeysCollator, forward_parameters, model_label_names
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .schedules import get_scheduler
@@ -61,7 +63,10 @@ _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "s
 
 
 class EvalPrediction(NamedTuple):
-    """What ``compute_metrics`` receives: CPU tensors concatenated over the whole dataset.
+    """What ``compute_metrics`` receives: numpy arrays concatenated over the whole dataset.
+
+    As in transformers, batches whose second dimension differs are padded with
+    ``-100``. Without numpy installed they are CPU tensors.
 
     Args:
         predictions: Model predictions (logits).
@@ -76,7 +81,7 @@ class PredictionOutput(NamedTuple):
     """Result of :meth:`Trainer.predict`.
 
     Args:
-        predictions: Concatenated predictions (CPU tensors).
+        predictions: Concatenated predictions (numpy arrays, padded with -100 where lengths differ).
         label_ids: Concatenated labels, or ``None``.
         metrics: ``test_loss`` (when the model returns one), timing and ``compute_metrics`` results.
     """
@@ -138,29 +143,13 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _concat(chunks: list[Any]) -> Any:
-    if not chunks:
-        return None
-    first = chunks[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
-            return torch.stack(chunks)
-        return torch.cat(chunks)
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat([c[i] for c in chunks]) for i in range(len(first)))
-    if isinstance(first, Mapping):
-        return {k: _concat([c[k] for c in chunks]) for k in first}
-    return chunks
-
-
-def _detach_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach_cpu(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _detach_cpu(v) for k, v in value.items()}
-    return value
+def _concat_host(chunks: list[Any]) -> Any:
+    """Concatenate the host results of every rank (padding with -100 where lengths differ)."""
+    result = None
+    for chunk in chunks:
+        if chunk is not None:
+            result = nested_concat(result, chunk)
+    return result
 
 
 def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Module, TrainingArguments]:
@@ -349,9 +338,10 @@ class Trainer:
     def _make_loader(self, dataset: Any, batch_size: int, *, train: bool) -> Iterable[Any]:
         args = self.args
         pin = args.dataloader_pin_memory and self.device.type == "cuda"
+        collate_fn = self._collator()
         if is_iterable_dataset(dataset):
             return DataLoader(
-                dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                dataset, batch_size=batch_size, collate_fn=collate_fn,
                 num_workers=args.dataloader_num_workers, pin_memory=pin,
             )
         sampler = EpochBatchSampler(
@@ -366,9 +356,20 @@ class Trainer:
         # the global RNG, so a resumed run's dropout stream matches an uninterrupted one.
         generator = torch.Generator().manual_seed(sampler.seed)
         return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            dataset, batch_sampler=sampler, collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator,
         )
+
+    def _collator(self) -> Callable[[list[Any]], Any] | None:
+        """The data collator, behind one that drops the keys ``forward`` does not take (``remove_unused_columns``)."""
+        if not self.args.remove_unused_columns:
+            return self.data_collator
+        params = forward_parameters(self.model)
+        if params is None:
+            return self.data_collator
+        # transformers' signature columns: forward's parameters, "label", "label_ids" and the label names.
+        kept = {*params, "label", "label_ids", *(self.args.label_names or model_label_names(self.model))}
+        return RemoveUnusedKeysCollator(self.data_collator, kept)
 
     def get_train_dataloader(self) -> Iterable[Any]:
         """The training batches: seeded per epoch, sharded across ranks, resumable."""
@@ -440,9 +441,20 @@ class Trainer:
             return model(*inputs)
         return model(inputs)
 
+    @property
+    def label_names(self) -> list[str]:
+        """Batch keys holding labels.
+
+        ``args.label_names``, else the model's ``forward`` parameters whose name
+        contains ``label`` (transformers' rule), else ``["labels"]``.
+        """
+        if self.args.label_names is not None:
+            return list(self.args.label_names)
+        return model_label_names(self.model) or ["labels"]
+
     def _labels(self, inputs: Any, pop: bool) -> Any:
         if isinstance(inputs, Mapping):
-            for name in self.args.label_names or ("labels",):
+            for name in self.label_names:
                 if name in inputs:
                     return inputs.pop(name) if pop else inputs[name]  # type: ignore
             return None
@@ -453,7 +465,8 @@ class Trainer:
     @staticmethod
     def _extract_loss(outputs: Any) -> torch.Tensor | None:
         if isinstance(outputs, torch.Tensor):
-            return outputs
+            # A bare tensor is a loss only when it is a scalar; anything else is logits.
+            return outputs if outputs.dim() == 0 else None
         if isinstance(outputs, Mapping):
             loss = outputs.get("loss")
         elif isinstance(outputs, (list, tuple)) and outputs and isinstance(outputs[0], torch.Tensor):
@@ -482,10 +495,14 @@ class Trainer:
             outputs = self._forward(model, inputs)
             loss = self._extract_loss(outputs)  # type: ignore
             if loss is None:
+                per_sample = (
+                    " If it is a per-sample loss, reduce it in forward (e.g. .mean())."
+                    if isinstance(outputs, torch.Tensor) and outputs.dim() == 1 else ""
+                )
                 raise ValueError(
                     f"The model did not return a loss: forward returned {_describe(outputs)}. Return a scalar "
                     "tensor, a dict with 'loss', an object with .loss, or a tuple starting with the loss; "
-                    "or pass compute_loss_func=... to the Trainer."
+                    f"or pass compute_loss_func=... to the Trainer.{per_sample}"
                 )
         if loss.dim() != 0:
             raise ValueError(
@@ -493,11 +510,16 @@ class Trainer:
             )
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model: nn.Module, inputs: Any, num_micro_batches: int = 1) -> torch.Tensor:
-        """Forward and backward one micro-batch; return the detached loss scaled by ``1/num_micro_batches``."""
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward and backward one micro-batch (transformers' signature).
+
+        Returns the detached loss divided by the micro-batches of this update
+        (``gradient_accumulation_steps``, fewer at the end of an epoch).
+        """
         inputs = _move(inputs, self.device)
+        num_micro_batches = getattr(self, "_micro_batches", 1)
         with self._autocast():
-            loss = self.compute_loss(model, inputs)
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if num_micro_batches > 1:
             loss = loss / num_micro_batches
         if self.scaler is not None:
@@ -730,11 +752,12 @@ class Trainer:
                 min(plan.accumulation, plan.batches_per_epoch - step) if plan.sized else plan.accumulation
             )
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
+        self._micro_batches = run.micro_batches
         if self.is_distributed and not is_update:
             with run.model.no_sync():  # type: ignore[operator]
-                loss = self.training_step(run.model, inputs, run.micro_batches)
+                loss = self.training_step(run.model, inputs)
         else:
-            loss = self.training_step(run.model, inputs, run.micro_batches)
+            loss = self.training_step(run.model, inputs)
         # The first micro-batch's loss starts the sum: no zeroing op per update.
         run.update_loss = loss if first else run.update_loss + loss
         if not is_update:
@@ -961,7 +984,9 @@ class Trainer:
                 merged.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return merged
         dataloader = self.get_eval_dataloader(dataset)
-        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None)
+        output = self._prediction_loop(
+            dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None, ignore_keys=ignore_keys
+        )
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         if not self._training:
@@ -974,35 +999,59 @@ class Trainer:
     ) -> PredictionOutput:
         """Predict on ``test_dataset``; emits ``on_prediction_step`` per batch and ``on_predict`` (no ``on_log``)."""
         dataloader = self.get_test_dataloader(test_dataset)
-        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True)
+        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True, ignore_keys=ignore_keys)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         if not self._training:
             self._drain_reporters()
         return output
 
-    def prediction_step(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor | None, Any, Any]:
-        """Return ``(loss, predictions, labels)`` for one batch, without gradients."""
+    def prediction_step(
+        self, model: nn.Module, inputs: Any, prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """Return ``(loss, predictions, labels)`` for one batch, without gradients (transformers' signature).
+
+        When the batch carries labels the loss comes from :meth:`compute_loss`, so an
+        override of it gives ``eval_loss`` too. ``ignore_keys`` are output keys left
+        out of the predictions (default: the model config's ``keys_to_ignore_at_inference``).
+        """
         inputs = _move(inputs, self.device)
         labels = self._labels(inputs, pop=False)
+        if ignore_keys is None:
+            ignore_keys = list(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", []) or [])
         with torch.no_grad(), self._autocast():
-            if self.compute_loss_func is not None and labels is not None:
+            if labels is not None and self._loss_from_compute_loss():
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
             else:
                 outputs = self._forward(model, inputs)
                 loss = self._extract_loss(outputs)
+        if loss is not None:
+            loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        predictions: Any
         if isinstance(outputs, torch.Tensor):
             predictions = None if outputs.dim() == 0 else outputs
         elif isinstance(outputs, Mapping):
-            rest = {k: v for k, v in outputs.items() if k != "loss"}
-            predictions = rest.get("logits", next(iter(rest.values()), None) if len(rest) == 1 else rest or None)
+            rest = {k: v for k, v in outputs.items() if k != "loss" and k not in ignore_keys}
+            if "logits" in rest and len(rest) == 1:
+                predictions = rest["logits"]
+            else:
+                values = tuple(rest.values())
+                predictions = values[0] if len(values) == 1 else values or None
         elif isinstance(outputs, (list, tuple)):
             rest = list(outputs[1:] if loss is not None and outputs and outputs[0] is loss else outputs)  # type: ignore
-            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None  # type: ignore
+            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None
         else:
             predictions = getattr(outputs, "logits", None)
         return loss, predictions, labels
 
-    def _prediction_loop(self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool) -> PredictionOutput:
+    def _loss_from_compute_loss(self) -> bool:
+        """Whether evaluation takes its loss from ``compute_loss`` (overridden, or ``compute_loss_func`` given)."""
+        return self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
+
+    def _prediction_loop(
+        self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool, ignore_keys: list[str] | None = None
+    ) -> PredictionOutput:
         handler = self.callback_handler
         handler.eval_dataloader = dataloader
         model = self.model
@@ -1010,48 +1059,53 @@ class Trainer:
         model.eval()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        loss_samples = 0
+        num_samples = 0
         has_loss = False
-        preds: list[Any] = []
-        labels: list[Any] = []
+        loss_only = self.args.prediction_loss_only or not need_predictions
+        preds, labels = EvalAccumulator(), EvalAccumulator()
+        accumulation = self.args.eval_accumulation_steps
         batches = 0
         try:
             for inputs in dataloader:
-                loss, logits, label = self.prediction_step(model, inputs)
                 size = self._batch_size(inputs)
+                loss, logits, label = self.prediction_step(model, inputs, loss_only, ignore_keys=ignore_keys)
+                num_samples += size
                 if loss is not None:
                     has_loss = True
-                    loss_sum += loss.detach().double() * size
-                    count += size
-                if need_predictions and not self.args.prediction_loss_only:
+                    loss_sum += loss.double() * size
+                    loss_samples += size
+                if not loss_only:
                     if self.preprocess_logits_for_metrics is not None and logits is not None:
                         logits = self.preprocess_logits_for_metrics(logits, label)
-                    if logits is not None:
-                        preds.append(_detach_cpu(logits))
-                    if label is not None:
-                        labels.append(_detach_cpu(label))
+                    preds.add(logits)
+                    labels.add(label)
                 batches += 1
                 self.control = handler.on_prediction_step(self.args, self.state, self.control)
+                if accumulation is not None and batches % accumulation == 0:
+                    preds.flush()
+                    labels.flush()
         finally:
             model.train(was_training)
+        predictions, label_ids = preds.result(), labels.result()
         # An iterable dataset is not sharded: every rank saw all of it, and gathering would repeat it.
         if self.is_distributed and isinstance(getattr(dataloader, "batch_sampler", None), EpochBatchSampler):
-            totals = torch.stack([loss_sum, count, torch.tensor(float(has_loss), device=self.device).double()])
+            counts = torch.tensor([float(loss_samples), float(num_samples), float(has_loss)], device=self.device)
+            totals = torch.cat([loss_sum.reshape(1), counts.double()])
             all_reduce_(totals)
-            loss_sum, count, has_loss = totals[0], totals[1], bool(totals[2] > 0)
-            if need_predictions:
-                preds, labels = self._gather_objects(preds), self._gather_objects(labels)
-        predictions = _concat(preds)
-        label_ids = _concat(labels)
-        metrics: dict[str, float] = {}
-        if has_loss:
-            metrics[f"{prefix}_loss"] = self._to_host(loss_sum / count.clamp(min=1))[0]
+            loss_sum, loss_samples, num_samples = totals[0], int(totals[1].item()), int(totals[2].item())
+            has_loss = bool(totals[3] > 0)
+            if not loss_only:
+                predictions = _concat_host(self._gather_objects([predictions]))
+                label_ids = _concat_host(self._gather_objects([label_ids]))
+        metrics: dict[str, Any] = {}
         if self.compute_metrics is not None and predictions is not None:
             extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
-            for key, value in dict(extra).items():
-                metrics[key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"] = value
+            metrics = to_python_numbers(dict(extra))
+        if has_loss:
+            metrics[f"{prefix}_loss"] = self._to_host(loss_sum / max(loss_samples, 1))[0]
+        metrics = {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in metrics.items()}
         runtime = time.perf_counter() - start
-        num_samples = float(count.item()) if has_loss else float(batches)
         metrics[f"{prefix}_runtime"] = runtime
         metrics[f"{prefix}_samples_per_second"] = num_samples / runtime if runtime > 0 else 0.0
         metrics[f"{prefix}_steps_per_second"] = batches / runtime if runtime > 0 else 0.0

@@ -85,8 +85,13 @@ class TrainingArguments:
             (default ``True``, unlike transformers).
         use_cpu: Train on the CPU even if an accelerator is present.
         ignore_data_skip: On resume, do not skip the batches already seen in the current epoch.
-        label_names: Batch keys that hold labels (default ``["labels"]``).
+        label_names: Batch keys that hold labels. Default: the model's ``forward``
+            parameters whose name contains ``label`` (transformers' rule), else ``["labels"]``.
+        remove_unused_columns: Drop the keys of mapping samples that the model's
+            ``forward`` does not take (label names are kept), as transformers does.
         prediction_loss_only: In evaluation, compute only the loss.
+        eval_accumulation_steps: Move predictions to the host every this many evaluation
+            batches (default: keep them on the device until the end, one transfer).
         ddp_backend: torch.distributed backend; default ``"nccl"`` on CUDA, else ``"gloo"``.
         ddp_timeout: Seconds a collective may wait before the job fails (default 1800).
         ddp_find_unused_parameters: Passed to ``DistributedDataParallel``.
@@ -149,7 +154,9 @@ class TrainingArguments:
     use_cpu: bool = False
     ignore_data_skip: bool = False
     label_names: list[str] | None = None
+    remove_unused_columns: bool = True
     prediction_loss_only: bool = False
+    eval_accumulation_steps: int | None = None
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
     ddp_find_unused_parameters: bool | None = None
