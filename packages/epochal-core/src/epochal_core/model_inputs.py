@@ -9,7 +9,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch.utils.data import default_collate
+from .collate import default_collate_explained
 
 __all__ = ["RemoveUnusedKeysCollator", "forward_parameters", "model_label_names"]
 
@@ -56,7 +56,7 @@ class RemoveUnusedKeysCollator:
     """
 
     def __init__(self, collate_fn: Callable[[list[Any]], Any] | None, kept: set[str]) -> None:
-        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate_explained
         self.kept = kept
 
     def __call__(self, features: list[Any]) -> Any:

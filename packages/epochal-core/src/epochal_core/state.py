@@ -35,7 +35,7 @@ class TrainerState:
         save_steps: Absolute checkpoint interval.
         train_batch_size: Per-device batch size used for training.
         num_train_epochs: Whole epochs this run will do.
-        num_input_tokens_seen: Kept for compatibility; epochal does not count tokens.
+        num_input_tokens_seen: Input tokens trained on, counted when ``include_num_input_tokens_seen=True``.
         total_flos: Kept for compatibility; epochal does not estimate FLOs.
         log_history: Every log of the run, each with its ``step``.
         best_metric: Best value of ``metric_for_best_model`` so far.

@@ -12,6 +12,7 @@ the single argument.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
 from .background import IntegrationFailure, Reporter
+from .collate import default_collate_explained
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .discovery import resolve_report_to
@@ -36,10 +38,14 @@ from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, 
 from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
+from .hp_search import BestRun, default_compute_objective, run_optuna
 from .integrations import IntegrationCallback
+from .label_smoothing import smoothed_cross_entropy
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
+from .metrics_report import format_metrics, metrics_table, write_metrics
 from .model_inputs import RemoveUnusedKeysCollator, forward_parameters, model_label_names
+from .optimizers import build_optimizer
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .schedules import get_scheduler
@@ -152,7 +158,9 @@ def _concat_host(chunks: list[Any]) -> Any:
     return result
 
 
-def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Module, TrainingArguments]:
+def _checked_arguments(
+    model: Any, args: Any, eval_dataset: Any, compute_metrics: Any = None
+) -> tuple[nn.Module, TrainingArguments]:
     """The model and ``args`` (or the defaults), after checking the Trainer's arguments fit together."""
     if args is None:
         args = TrainingArguments(output_dir="trainer_output")
@@ -165,6 +173,13 @@ def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Mod
         raise ValueError(
             f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset: "
             "pass eval_dataset=... to the Trainer, or set eval_strategy='no'."
+        )
+    metric = args.metric_for_best_model
+    if metric is not None and compute_metrics is None and metric.removeprefix("eval_") != "loss":
+        raise ValueError(
+            f"TrainingArguments.metric_for_best_model={metric!r} is invalid here: without compute_metrics "
+            "evaluation produces only eval_loss. Pass compute_metrics=... returning that metric, or use "
+            "metric_for_best_model='loss'."
         )
     return model, args
 
@@ -207,6 +222,8 @@ class Trainer:
         compute_loss_func: ``(outputs, labels, num_items_in_batch=None) -> loss``; labels are
             taken out of a mapping batch before the forward pass.
         preprocess_logits_for_metrics: ``(logits, labels) -> logits`` applied per evaluation batch.
+        model_init: Returns a fresh model (takes no argument, or the Optuna trial); called at
+            construction when ``model`` is ``None`` and at the start of every ``train()``.
 
     Raises:
         ValueError: An inconsistent setup (evaluation without an eval dataset, fp16 on
@@ -226,8 +243,18 @@ class Trainer:
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
         compute_loss_func: Callable[..., torch.Tensor] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+        model_init: Callable[..., nn.Module] | None = None,
     ) -> None:
-        model, args = _checked_arguments(model, args, eval_dataset)
+        self.model_init = model_init
+        if model_init is not None:
+            if optimizers[0] is not None or optimizers[1] is not None:
+                raise ValueError(
+                    "Trainer(model_init=..., optimizers=...) is invalid: each train() builds a fresh model, "
+                    "which the given optimizer does not hold. Subclass and override create_optimizer_and_scheduler."
+                )
+            if model is None:
+                model = self.call_model_init()
+        model, args = _checked_arguments(model, args, eval_dataset, compute_metrics)
         self.args = args
         self.dist = dist_info()
         self.device = self._select_device()
@@ -339,10 +366,15 @@ class Trainer:
         args = self.args
         pin = args.dataloader_pin_memory and self.device.type == "cuda"
         collate_fn = self._collator()
+        workers: dict[str, Any] = {}
+        if args.dataloader_num_workers > 0:
+            workers["persistent_workers"] = args.dataloader_persistent_workers
+            if args.dataloader_prefetch_factor is not None:
+                workers["prefetch_factor"] = args.dataloader_prefetch_factor
         if is_iterable_dataset(dataset):
             return DataLoader(
                 dataset, batch_size=batch_size, collate_fn=collate_fn,
-                num_workers=args.dataloader_num_workers, pin_memory=pin,
+                num_workers=args.dataloader_num_workers, pin_memory=pin, **workers,
             )
         sampler = EpochBatchSampler(
             len(dataset), batch_size, shuffle=train,
@@ -357,16 +389,17 @@ class Trainer:
         generator = torch.Generator().manual_seed(sampler.seed)
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator,
+            num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator, **workers,
         )
 
     def _collator(self) -> Callable[[list[Any]], Any] | None:
         """The data collator, behind one that drops the keys ``forward`` does not take (``remove_unused_columns``)."""
+        collator = self.data_collator if self.data_collator is not None else default_collate_explained
         if not self.args.remove_unused_columns:
-            return self.data_collator
+            return collator
         params = forward_parameters(self.model)
         if params is None:
-            return self.data_collator
+            return collator
         # transformers' signature columns: forward's parameters, "label", "label_ids" and the label names.
         kept = {*params, "label", "label_ids", *(self.args.label_names or model_label_names(self.model))}
         return RemoveUnusedKeysCollator(self.data_collator, kept)
@@ -406,10 +439,7 @@ class Trainer:
                 # per-group work instead of two (transformers keeps two).
                 groups = [{"params": params, "weight_decay": 0.0}]
             groups = [g for g in groups if g["params"]]
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                fused=self.device.type == "cuda",
-            )
+            self.optimizer = build_optimizer(args.optim, groups, args, self.device)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -418,6 +448,7 @@ class Trainer:
             self.lr_scheduler = get_scheduler(
                 self.args.lr_scheduler_type, optimizer or self.optimizer,  # type: ignore[arg-type]
                 self.args.get_warmup_steps(num_training_steps), num_training_steps,
+                self.args.lr_scheduler_kwargs,
             )
         return self.lr_scheduler
 
@@ -483,7 +514,14 @@ class Trainer:
         Raises:
             ValueError: The model returned no loss; the message says what it returned.
         """
-        if self.compute_loss_func is not None:
+        smoothing = self.args.label_smoothing_factor
+        if smoothing and isinstance(inputs, Mapping) and "labels" in inputs and self.compute_loss_func is None:
+            # transformers' LabelSmoother: the labels are taken out and the loss is computed from the logits.
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = self._forward(model, inputs)
+            loss = smoothed_cross_entropy(outputs, labels, smoothing)
+        elif self.compute_loss_func is not None:
             if isinstance(inputs, Mapping):
                 inputs = dict(inputs)
             labels = self._labels(inputs, pop=True)
@@ -567,10 +605,85 @@ class Trainer:
             )
         return path
 
-    def train(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None = None) -> TrainOutput:
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """Build a model with ``model_init`` (passing ``trial`` when it takes an argument).
+
+        Raises:
+            RuntimeError: ``model_init`` takes more than one argument or returned ``None``.
+        """
+        init = self.model_init
+        if init is None:
+            raise RuntimeError("call_model_init needs Trainer(model_init=...).")
+        takes = len(inspect.signature(init).parameters)
+        if takes > 1:
+            raise RuntimeError(f"model_init should take 0 or 1 argument (the trial), it takes {takes}.")
+        model = init() if takes == 0 else init(trial)
+        if model is None:
+            raise RuntimeError("model_init returned None: it must return a torch.nn.Module.")
+        return model
+
+    def _fresh_model(self, trial: Any) -> None:
+        """``model_init``: a new model (seeded like transformers), and a new optimizer and schedule for it."""
+        set_seed(self.args.seed)
+        self.model = self.call_model_init(trial).to(self.device)
+        self.model_wrapped = self.model
+        self.callback_handler.model = self.model
+        self.optimizer, self.lr_scheduler = None, None
+        self._compiled = False
+
+    def log_metrics(self, split: str, metrics: dict[str, Any]) -> None:
+        """Print ``metrics`` as transformers does (``***** train metrics *****`` and aligned lines), on world rank 0."""
+        if self.is_world_process_zero():
+            print(metrics_table(split, metrics))
+
+    def metrics_format(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics formatted for reading: runtimes as ``h:mm:ss.cc``, floats rounded to 4 decimals."""
+        return format_metrics(metrics)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """Write ``<split>_results.json`` (and merge into ``all_results.json``) in ``output_dir``, on world rank 0."""
+        if self.is_world_process_zero():
+            write_metrics(self.args.output_dir, split, metrics, combined)
+
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], float] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun:
+        """Search hyperparameters with Optuna (``pip install optuna``), transformers' signature.
+
+        Every trial sets the fields ``hp_space(trial)`` returns, trains a fresh model from
+        ``model_init`` and evaluates; ``compute_objective(metrics)`` (default: ``eval_loss``,
+        or the sum of the metrics) is minimised or maximised.
+
+        Raises:
+            ImportError: Optuna is not installed.
+            ValueError: Another backend, or no ``model_init``.
+        """
+        if backend not in (None, "optuna"):
+            raise ValueError(f"hyperparameter_search(backend={backend!r}) is invalid: epochal supports 'optuna' only.")
+        if self.model_init is None:
+            raise ValueError("hyperparameter_search needs Trainer(model_init=...): each trial trains a fresh model.")
+        return run_optuna(
+            self, hp_space, compute_objective or default_compute_objective, n_trials, direction, **kwargs
+        )
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | os.PathLike[str] | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
         """Train the model.
 
         Args:
+            trial: The Optuna trial (``hyperparameter_search``), passed to ``model_init``.
+            ignore_keys_for_eval: Output keys left out of the predictions of evaluations during training.
             resume_from_checkpoint: ``True`` resumes from the newest complete checkpoint
                 in ``output_dir``; a path resumes from that checkpoint. Weights,
                 optimizer, schedule, scaler, RNG streams, data position and
@@ -584,6 +697,9 @@ class Trainer:
             CheckpointChanged: A file of the checkpoint to resume changed after it was saved.
         """
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        if self.model_init is not None:
+            self._fresh_model(trial)
+        self._ignore_keys_for_eval = ignore_keys_for_eval
         set_seed(self.args.seed)
         self.preempted = False
         with PreemptionGuard(self.args.save_on_preemption) as guard:
@@ -647,6 +763,7 @@ class Trainer:
         self.create_optimizer_and_scheduler(plan.max_steps)
         if args.fp16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self._maybe_compile()
         self.model_wrapped = self._wrap_model()
         guard = self._guard_mode()
         # On the CPU the guard reads the loss and the gradient norm at every update anyway (a memory
@@ -656,6 +773,14 @@ class Trainer:
             plan, loader, self.model_wrapped, [p for p in self.model.parameters() if p.requires_grad],
             LossTracker(self.device, on_host=on_host), guard,
         )
+
+    def _maybe_compile(self) -> None:
+        """``torch_compile``: compile the model in place (its ``state_dict`` keys stay the same)."""
+        args = self.args
+        if args.torch_compile and not getattr(self, "_compiled", False):
+            options = {"backend": args.torch_compile_backend or "inductor", "mode": args.torch_compile_mode}
+            self.model.compile(**options)
+            self._compiled = True
 
     def _guard_mode(self) -> str:
         """How the non-finite guard checks an update: ``off``, ``on_device`` (no sync) or ``read``."""
@@ -753,6 +878,8 @@ class Trainer:
             )
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
         self._micro_batches = run.micro_batches
+        if self.args.include_num_input_tokens_seen:
+            self._count_input_tokens(inputs)
         if self.is_distributed and not is_update:
             with run.model.no_sync():  # type: ignore[operator]
                 loss = self.training_step(run.model, inputs)
@@ -763,6 +890,42 @@ class Trainer:
         if not is_update:
             self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
         return is_update
+
+    def _count_input_tokens(self, inputs: Any) -> None:
+        """Add the batch's input tokens to ``state.num_input_tokens_seen`` (shapes only: no device sync)."""
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if isinstance(inputs, Mapping):
+            tensor = inputs.get(name)
+        else:
+            tensor = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+        if not isinstance(tensor, torch.Tensor):
+            if not getattr(self, "_warned_tokens", False):
+                self._warned_tokens = True
+                logger.warning(
+                    "include_num_input_tokens_seen=True but the batch has no %r tensor: tokens are not counted.", name
+                )
+            return
+        tokens = tensor.numel()
+        if self.is_distributed:
+            # Ranks' batches can differ in length: sum them (one small collective per micro-batch, as transformers).
+            total = torch.tensor([float(tokens)], device=self.device)
+            all_reduce_(total)
+            tokens = int(total.item())
+        self.state.num_input_tokens_seen += tokens
+
+    @staticmethod
+    def num_tokens(train_dl: Iterable[Any], max_steps: int | None = None) -> int:
+        """Tokens (``input_ids`` elements) in ``train_dl``; with ``max_steps``: the first batch's times it."""
+        train_tokens = 0
+        try:
+            for batch in train_dl:
+                tokens = batch["input_ids"].numel()
+                if max_steps is not None:
+                    return int(tokens * max_steps)
+                train_tokens += tokens
+        except (KeyError, TypeError, IndexError):
+            logger.warning("Cannot get num_tokens from dataloader: its batches hold no 'input_ids'.")
+        return train_tokens
 
     def _end_update(self, run: _Run, epoch: float) -> None:
         """Clip, check, step the optimizer and the schedule, then emit the step's events, logs and saves."""
@@ -781,7 +944,8 @@ class Trainer:
                 self.optimizer.step()  # type: ignore[union-attr]
         self.control = handler.on_optimizer_step(args, self.state, self.control)
         run.learning_rate = self.lr_scheduler.get_last_lr()[0]
-        self.lr_scheduler.step()
+        if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step()  # a plateau schedule steps on the eval metric instead
         # What model.zero_grad(set_to_none=True) does, without walking the module tree every update.
         for param in run.params:
             param.grad = None
@@ -905,7 +1069,7 @@ class Trainer:
             # Callbacks ran: under DDP, agree again on what happens next (only on steps with events).
             self._sync_control()
         if self.control.should_evaluate:
-            metrics = self.evaluate()
+            metrics = self.evaluate(ignore_keys=getattr(self, "_ignore_keys_for_eval", None))
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_new_best
@@ -988,11 +1152,25 @@ class Trainer:
             dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None, ignore_keys=ignore_keys
         )
         self.log(output.metrics)
+        self._step_plateau_schedule(output.metrics, metric_key_prefix)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         if not self._training:
             # Outside training nothing drains later: the caller expects its metrics to be logged.
             self._drain_reporters()
         return output.metrics
+
+    def _step_plateau_schedule(self, metrics: Mapping[str, float], prefix: str) -> None:
+        """Step a ``ReduceLROnPlateau`` schedule (built or given) with the eval metric, during training."""
+        if not self._training or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return
+        name = self.args.metric_for_best_model or "loss"
+        key = name if name.startswith(f"{prefix}_") else f"{prefix}_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"lr_scheduler is ReduceLROnPlateau and steps on {key!r}, which the evaluation did not return "
+                f"(available: {sorted(metrics)}). Set TrainingArguments.metric_for_best_model."
+            )
+        self.lr_scheduler.step(metrics[key])
 
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
@@ -1047,7 +1225,11 @@ class Trainer:
 
     def _loss_from_compute_loss(self) -> bool:
         """Whether evaluation takes its loss from ``compute_loss`` (overridden, or ``compute_loss_func`` given)."""
-        return self.compute_loss_func is not None or type(self).compute_loss is not Trainer.compute_loss
+        return (
+            self.compute_loss_func is not None
+            or self.args.label_smoothing_factor > 0
+            or type(self).compute_loss is not Trainer.compute_loss
+        )
 
     def _prediction_loop(
         self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool, ignore_keys: list[str] | None = None
