@@ -37,6 +37,7 @@ from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
 from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
+from .foreign_checkpoint import is_transformers_checkpoint
 from .handler import CallbackHandler
 from .hp_search import BestRun, default_compute_objective, run_optuna
 from .integrations import IntegrationCallback
@@ -597,6 +598,12 @@ class Trainer:
                 )
             return found
         path = Path(resume_from_checkpoint)
+        if is_transformers_checkpoint(path):
+            logger.warning(
+                "Resuming from %s, a checkpoint without a %s manifest (written by transformers' Trainer?): "
+                "it was not written atomically and its files cannot be verified.", path, ckpt.COMMIT_MARKER,
+            )
+            return path
         if not ckpt.is_complete(path):
             raise ValueError(
                 f"resume_from_checkpoint={os.fspath(path)!r} is not a complete checkpoint (missing folder, "

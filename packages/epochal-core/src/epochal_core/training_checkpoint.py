@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from .control import TrainerControl
 from .distributed import barrier
+from .foreign_checkpoint import is_transformers_checkpoint, load_model_weights
 from .log_history import LogHistoryStore
 from .state import TRAINER_STATE_NAME, TrainerState
 from .training_args import TrainingArguments
@@ -187,6 +188,14 @@ def save_training_checkpoint(snap: TrainingSnapshot) -> Path:
     return final
 
 
+def _restore_foreign_rng(rng_file: Path) -> None:
+    # transformers pickles numpy's RNG state as an ndarray, which weights_only loading refuses.
+    try:
+        set_rng_state(load_file(rng_file))
+    except (CheckpointError, KeyError, TypeError, ValueError) as err:
+        logger.warning("%s could not be read safely (%s): RNG streams are not restored.", rng_file, err)
+
+
 def _load_state(snap: TrainingSnapshot, path: Path) -> TrainerState:
     try:
         state = TrainerState.load_from_json(str(path / TRAINER_STATE_NAME))
@@ -209,9 +218,11 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
         CheckpointChanged: A file changed after the save (the message names it).
         CheckpointError: A file is missing, truncated or unsafe (the message names it).
     """
-    verify_checkpoint(path)
+    foreign = is_transformers_checkpoint(path)
+    if not foreign:
+        verify_checkpoint(path)
     state = _load_state(snap, path)
-    snap.model.load_state_dict(load_file(path / WEIGHTS_NAME))
+    snap.model.load_state_dict(load_model_weights(path) if foreign else load_file(path / WEIGHTS_NAME))
     if not (path / OPTIMIZER_NAME).exists():
         raise CheckpointError(
             f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
@@ -222,7 +233,9 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
     if snap.scaler is not None and (path / SCALER_NAME).exists():
         snap.scaler.load_state_dict(load_file(path / SCALER_NAME))
     rng_file = path / rng_file_name(snap.rank, snap.world_size)
-    if rng_file.exists():
+    if rng_file.exists() and foreign:
+        _restore_foreign_rng(rng_file)
+    elif rng_file.exists():
         set_rng_state(load_file(rng_file))
     else:
         logger.warning("%s is missing: RNG streams are not restored, so the run will not be bit-identical.", rng_file)
