@@ -1,8 +1,10 @@
 """Collecting evaluation outputs as transformers does: on the device, padded with -100, numpy at the end.
 
-Predictions and labels of each batch stay on the device and are concatenated
-there (no host sync per batch); every ``eval_accumulation_steps`` batches, or at
-the end, they move to the host once and become numpy arrays. Batches whose
+Predictions and labels of each batch stay on the device (no host sync per
+batch); every ``eval_accumulation_steps`` batches, or at the end, they are
+concatenated there in one pass and move to the host once, as numpy arrays.
+(transformers concatenates the growing result with each batch, which copies it
+again at every batch: quadratic in the number of batches.) Batches whose
 second dimension differs (sequences of different lengths) are concatenated
 padded with ``-100``, transformers' ``nested_concat`` rule. numpy is not a core
 dependency: without it the host copies stay CPU tensors.
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EvalAccumulator", "nested_concat", "to_python_numbers"]
+__all__ = ["EvalAccumulator", "concat_many", "nested_concat", "to_python_numbers"]
 
 PADDING_INDEX = -100
 
@@ -60,6 +62,30 @@ def nested_concat(first: Any, second: Any, padding_index: int = PADDING_INDEX) -
     return _pad_and_concat(first, second, padding_index)
 
 
+def concat_many(chunks: list[Any], padding_index: int = PADDING_INDEX) -> Any:
+    """Concatenate a list of (nested) tensors in one pass, padding dim 1 to the widest with ``padding_index``."""
+    first = chunks[0]
+    if isinstance(first, (list, tuple)):
+        return type(first)(concat_many([c[i] for c in chunks], padding_index) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: concat_many([c[k] for c in chunks], padding_index) for k in first}
+    if not isinstance(first, torch.Tensor):
+        result = None
+        for chunk in chunks:
+            result = nested_concat(result, chunk, padding_index)
+        return result
+    tensors = [c.reshape(1) if c.dim() == 0 else c for c in chunks]
+    if tensors[0].dim() == 1 or all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    out = tensors[0].new_full((sum(t.shape[0] for t in tensors), width, *tensors[0].shape[2:]), padding_index)
+    row = 0
+    for t in tensors:
+        out[row : row + t.shape[0], : t.shape[1]] = t
+        row += t.shape[0]
+    return out
+
+
 def _to_host(value: Any) -> Any:
     """Detach and copy to the host: numpy arrays when numpy is installed (bfloat16 read as float32)."""
     if isinstance(value, (list, tuple)):
@@ -84,22 +110,21 @@ class EvalAccumulator:
 
     def __init__(self, padding_index: int = PADDING_INDEX) -> None:
         self.padding_index = padding_index
-        self._device: Any = None
+        self._device: list[Any] = []
         self._host: Any = None
 
     def add(self, value: Any) -> None:
-        """Append one batch's (detached) tensors on their device."""
-        if value is None:
-            return
-        value = _detach(value)
-        self._device = nested_concat(self._device, value, self.padding_index)
+        """Keep one batch's (detached) tensors on their device."""
+        if value is not None:
+            self._device.append(_detach(value))
 
     def flush(self) -> None:
-        """Move what is on the device to the host (one transfer), appending it there."""
-        if self._device is None:
+        """Concatenate what is on the device and move it to the host (one transfer), appending it there."""
+        if not self._device:
             return
-        self._host = nested_concat(self._host, _to_host(self._device), self.padding_index)
-        self._device = None
+        on_device = concat_many(self._device, self.padding_index)
+        self._device = []
+        self._host = nested_concat(self._host, _to_host(on_device), self.padding_index)
 
     def result(self) -> Any:
         """Everything added, on the host (numpy arrays when numpy is installed); ``None`` if nothing."""
