@@ -6,6 +6,7 @@ import logging
 import random
 import re
 import shutil
+import sys
 from unittest.mock import patch
 
 import numpy as np
@@ -97,14 +98,36 @@ def test_model_init_builds_a_fresh_model_for_every_train(tmp_path):
         Trainer(model_init=model_init, args=args_for(tmp_path), optimizers=(torch.optim.SGD(model.parameters()), None))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("optuna") is not None, reason="optuna is installed")
-def test_hyperparameter_search_without_optuna_says_what_to_install(tmp_path):
+def test_hyperparameter_search_without_optuna_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what Python does when optuna is not installed: import fails
     trainer = Trainer(model_init=Classifier, args=args_for(tmp_path, max_steps=1), train_dataset=Points(),
                       eval_dataset=Points(4))
     with pytest.raises(ImportError, match="pip install optuna"):
         trainer.hyperparameter_search(direction="minimize", n_trials=2)
     with pytest.raises(ValueError, match="'optuna' only"):
         trainer.hyperparameter_search(backend="ray")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna is not installed")
+def test_hyperparameter_search_with_optuna_trains_a_fresh_model_per_trial(tmp_path):
+    built = []
+
+    def model_init(trial):
+        built.append(trial)
+        return Classifier()
+
+    def hp_space(trial):
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)}
+
+    args = args_for(tmp_path, max_steps=2)
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=Points(), eval_dataset=Points(8))
+    best_run = trainer.hyperparameter_search(hp_space=hp_space, n_trials=3, direction="minimize")
+    study = best_run.run_summary
+    assert len(study.trials) == 3 and len(built) == 4 and built[0] is None  # construction, then one per trial
+    assert best_run.objective == min(t.value for t in study.trials)
+    assert 1e-3 <= best_run.hyperparameters["learning_rate"] <= 1e-1
+    assert trainer.args is args  # the search leaves the Trainer's own arguments as they were
 
 
 class MyTestTrainerCallback(TrainerCallback):

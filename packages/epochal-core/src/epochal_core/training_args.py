@@ -213,6 +213,8 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)
+        if self.logging_dir is not None:
+            self.logging_dir = os.fspath(self.logging_dir)
         check_field_types(self)
         warn_no_effect_fields(self)
         if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
