@@ -24,10 +24,15 @@ _STATE_NAME = "trainer_state.json"
 
 
 def is_transformers_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """A folder with transformers' files (state and weights) and no epochal manifest."""
+    """A folder with transformers' files (state, weights, ``training_args.bin``) and no epochal manifest.
+
+    ``training_args.bin`` (epochal writes ``training_args.json``) tells it from an
+    epochal checkpoint whose save was interrupted, which must stay refused.
+    """
     folder = Path(path)
     has_weights = (folder / SAFE_WEIGHTS_NAME).is_file() or (folder / _BIN_WEIGHTS_NAME).is_file()
-    return not (folder / COMMIT_MARKER).exists() and (folder / _STATE_NAME).is_file() and has_weights
+    transformers_files = (folder / _STATE_NAME).is_file() and (folder / "training_args.bin").is_file()
+    return not (folder / COMMIT_MARKER).exists() and transformers_files and has_weights
 
 
 def load_model_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
