@@ -76,6 +76,19 @@ CLAIMS: dict[str, list[str]] = {
     "`TrainingArguments` rejects inconsistent values": [
         f"{CORE_TESTS}/test_training_args.py::test_bad_value_is_rejected_naming_field_value_and_fix",
         f"{CORE_TESTS}/test_training_args.py::test_every_value_error_path_is_exercised",
+        f"{CORE_TESTS}/test_parity_args.py::test_wrong_type_names_the_field",
+        f"{CORE_TESTS}/test_parity_args.py::test_transformers_field_epochal_lacks_names_the_alternative",
+        f"{CORE_TESTS}/test_parity_args.py::test_no_effect_fields_are_accepted_with_one_warning",
+    ],
+    "A run a callback stops early is checkpointed": [
+        f"{CORE_TESTS}/test_checkpoints.py::test_stopped_run_stays_stopped_and_finished_run_can_be_extended",
+    ],
+    "A checkpoint written by transformers' Trainer resumes only by its explicit path": [
+        f"{CORE_TESTS}/test_parity_trainer.py::test_resume_a_checkpoint_written_by_transformers_with_one_warning",
+    ],
+    "Porting a transformers script": [
+        f"{CORE_TESTS}/test_parity_eval.py::test_compute_metrics_gets_numpy_and_numpy_scalars_become_python_floats",
+        f"{CORE_TESTS}/test_parity_trainer.py::test_run_glue_epilogue_log_metrics_save_metrics_save_state",
     ],
 }
 

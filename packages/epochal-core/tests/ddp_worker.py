@@ -100,7 +100,7 @@ class FileTracker(IntegrationCallback):
 
 
 def _count_metric(pred: Any) -> dict[str, float]:
-    return {"count": float(len(pred.predictions)), "pred_sum": float(pred.predictions.double().sum())}
+    return {"count": float(len(pred.predictions)), "pred_sum": float(pred.predictions.astype("float64").sum())}
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:

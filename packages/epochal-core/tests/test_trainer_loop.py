@@ -156,7 +156,7 @@ def test_compute_metrics_and_predict(tmp_path):
 
     def metrics(pred):
         seen["shapes"] = (tuple(pred.predictions.shape), tuple(pred.label_ids.shape))
-        return {"mae": float((pred.predictions - pred.label_ids).abs().mean())}
+        return {"mae": float(abs(pred.predictions - pred.label_ids).mean())}
 
     trainer = Trainer(TinyRegressor(), make_args(tmp_path, max_steps=2, save_strategy="no"),
                       train_dataset=DictDataset(), eval_dataset=DictDataset(20, 1), compute_metrics=metrics)

@@ -67,10 +67,10 @@ def restore_callback_states(saved: dict[str, Any], callbacks: list[Any], control
                 saved_args = data.get("args", {})
                 now_args = obj.state().get("args", {})
                 if saved_args != now_args:
-                    logger.warning(
-                        "%s was saved with args %s and is now built with %s; keeping the new args and "
-                        "restoring its attributes.", key, saved_args, now_args,
-                    )
+                    # The ExportableState contract (transformers rebuilds ``type(cb)(**args)``): the saved
+                    # args win. Re-initialised in place, so the Trainer's dispatch keeps pointing at it.
+                    logger.info("%s is rebuilt with its saved args %s (built with %s).", key, saved_args, now_args)
+                    type(obj).__init__(obj, **saved_args)
                 for attr, value in data.get("attributes", {}).items():
                     setattr(obj, attr, value)
             else:

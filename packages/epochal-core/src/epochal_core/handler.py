@@ -79,11 +79,11 @@ class CallbackHandler(TrainerCallback):
         from .flow import DefaultFlowCallback
 
         if not any(isinstance(cb, DefaultFlowCallback) for cb in self.callbacks):
+            # The names are formatted into the message itself (transformers' tests read its first argument).
             logger.warning(
                 "The Trainer will not work properly if you don't have a `DefaultFlowCallback` in its callbacks. "
                 "You should add one before training with `trainer.add_callback(DefaultFlowCallback)`. "
-                "The current list of callbacks is\n:%s",
-                self.callback_list,
+                f"The current list of callbacks is\n:{self.callback_list}"
             )
 
     # The six common keyword arguments live in one dict built once; assigning an
@@ -108,10 +108,8 @@ class CallbackHandler(TrainerCallback):
         cb_class = callback if isinstance(callback, type) else callback.__class__
         if any(c.__class__ is cb_class for c in self.callbacks):
             logger.warning(
-                "You are adding a %s to the callbacks of this Trainer, but there is already one. "
-                "The current list of callbacks is\n:%s",
-                cb_class,
-                self.callback_list,
+                f"You are adding a {cb_class} to the callbacks of this Trainer, but there is already one. "
+                f"The current list of callbacks is\n:{self.callback_list}"
             )
         self.callbacks.append(cb)
         self._targets[id(cb)] = cb if target is None else target

@@ -35,7 +35,7 @@ class TrainerState:
         save_steps: Absolute checkpoint interval.
         train_batch_size: Per-device batch size used for training.
         num_train_epochs: Whole epochs this run will do.
-        num_input_tokens_seen: Kept for compatibility; epochal does not count tokens.
+        num_input_tokens_seen: Input tokens trained on, counted when ``include_num_input_tokens_seen=True``.
         total_flos: Floating-point operations of training so far, from the model's own estimate
             (``floating_point_ops``, or transformers' 6 x tokens x parameters); 0 without one.
         log_history: Every log of the run, each with its ``step``.

@@ -12,6 +12,7 @@ the single argument.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -29,10 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
 from .background import IntegrationFailure, Reporter
+from .collate import default_collate_explained
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
+from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
 from .fsdp import (
     full_model_state_dict,
@@ -43,12 +46,18 @@ from .fsdp import (
     plain_tensor,
     shard_model,
 )
+from .foreign_checkpoint import is_transformers_checkpoint
 from .handler import CallbackHandler
+from .hp_search import BestRun, default_compute_objective, run_optuna
 from .integrations import IntegrationCallback
+from .label_smoothing import smoothed_cross_entropy
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
 from .model_conventions import enable_gradient_checkpointing, flops_counter
 from .model_files import WEIGHTS_NAME, load_model_files, save_model_folder, unwrap_model
+from .metrics_report import format_metrics, metrics_table, write_metrics
+from .model_inputs import RemoveUnusedKeysCollator, forward_parameters, model_label_names
+from .optimizers import build_optimizer
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
 from .run_summary import print_run_summary
@@ -72,7 +81,10 @@ _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "s
 
 
 class EvalPrediction(NamedTuple):
-    """What ``compute_metrics`` receives: CPU tensors concatenated over the whole dataset.
+    """What ``compute_metrics`` receives: numpy arrays concatenated over the whole dataset.
+
+    As in transformers, batches whose second dimension differs are padded with
+    ``-100``. Without numpy installed they are CPU tensors.
 
     Args:
         predictions: Model predictions (logits).
@@ -87,7 +99,7 @@ class PredictionOutput(NamedTuple):
     """Result of :meth:`Trainer.predict`.
 
     Args:
-        predictions: Concatenated predictions (CPU tensors).
+        predictions: Concatenated predictions (numpy arrays, padded with -100 where lengths differ).
         label_ids: Concatenated labels, or ``None``.
         metrics: ``test_loss`` (when the model returns one), timing and ``compute_metrics`` results.
     """
@@ -149,32 +161,18 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _concat(chunks: list[Any]) -> Any:
-    if not chunks:
-        return None
-    first = chunks[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
-            return torch.stack(chunks)
-        return torch.cat(chunks)
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat([c[i] for c in chunks]) for i in range(len(first)))
-    if isinstance(first, Mapping):
-        return {k: _concat([c[k] for c in chunks]) for k in first}
-    return chunks
+def _concat_host(chunks: list[Any]) -> Any:
+    """Concatenate the host results of every rank (padding with -100 where lengths differ)."""
+    result = None
+    for chunk in chunks:
+        if chunk is not None:
+            result = nested_concat(result, chunk)
+    return result
 
 
-def _detach_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach_cpu(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _detach_cpu(v) for k, v in value.items()}
-    return value
-
-
-def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Module, TrainingArguments]:
+def _checked_arguments(
+    model: Any, args: Any, eval_dataset: Any, compute_metrics: Any = None
+) -> tuple[nn.Module, TrainingArguments]:
     """The model and ``args`` (or the defaults), after checking the Trainer's arguments fit together."""
     if args is None:
         args = TrainingArguments(output_dir="trainer_output")
@@ -187,6 +185,13 @@ def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Mod
         raise ValueError(
             f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset: "
             "pass eval_dataset=... to the Trainer, or set eval_strategy='no'."
+        )
+    metric = args.metric_for_best_model
+    if metric is not None and compute_metrics is None and metric.removeprefix("eval_") != "loss":
+        raise ValueError(
+            f"TrainingArguments.metric_for_best_model={metric!r} is invalid here: without compute_metrics "
+            "evaluation produces only eval_loss. Pass compute_metrics=... returning that metric, or use "
+            "metric_for_best_model='loss'."
         )
     return model, args
 
@@ -229,6 +234,8 @@ class Trainer:
         compute_loss_func: ``(outputs, labels, num_items_in_batch=None) -> loss``; labels are
             taken out of a mapping batch before the forward pass.
         preprocess_logits_for_metrics: ``(logits, labels) -> logits`` applied per evaluation batch.
+        model_init: Returns a fresh model (takes no argument, or the Optuna trial); called at
+            construction when ``model`` is ``None`` and at the start of every ``train()``.
 
     Raises:
         ValueError: An inconsistent setup (evaluation without an eval dataset, fp16 on
@@ -248,8 +255,18 @@ class Trainer:
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
         compute_loss_func: Callable[..., torch.Tensor] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+        model_init: Callable[..., nn.Module] | None = None,
     ) -> None:
-        model, args = _checked_arguments(model, args, eval_dataset)
+        self.model_init = model_init
+        if model_init is not None:
+            if optimizers[0] is not None or optimizers[1] is not None:
+                raise ValueError(
+                    "Trainer(model_init=..., optimizers=...) is invalid: each train() builds a fresh model, "
+                    "which the given optimizer does not hold. Subclass and override create_optimizer_and_scheduler."
+                )
+            if model is None:
+                model = self.call_model_init()
+        model, args = _checked_arguments(model, args, eval_dataset, compute_metrics)
         self.args = args
         self.dist = dist_info()
         self.device = self._select_device()
@@ -365,10 +382,16 @@ class Trainer:
     def _make_loader(self, dataset: Any, batch_size: int, *, train: bool) -> Iterable[Any]:
         args = self.args
         pin = args.dataloader_pin_memory and self.device.type == "cuda"
+        collate_fn = self._collator()
+        workers: dict[str, Any] = {}
+        if args.dataloader_num_workers > 0:
+            workers["persistent_workers"] = args.dataloader_persistent_workers
+            if args.dataloader_prefetch_factor is not None:
+                workers["prefetch_factor"] = args.dataloader_prefetch_factor
         if is_iterable_dataset(dataset):
             return DataLoader(
-                dataset, batch_size=batch_size, collate_fn=self.data_collator,
-                num_workers=args.dataloader_num_workers, pin_memory=pin,
+                dataset, batch_size=batch_size, collate_fn=collate_fn,
+                num_workers=args.dataloader_num_workers, pin_memory=pin, **workers,
             )
         sampler = EpochBatchSampler(
             len(dataset), batch_size, shuffle=train,
@@ -382,9 +405,21 @@ class Trainer:
         # the global RNG, so a resumed run's dropout stream matches an uninterrupted one.
         generator = torch.Generator().manual_seed(sampler.seed)
         return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-            num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator,
+            dataset, batch_sampler=sampler, collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers, pin_memory=pin, generator=generator, **workers,
         )
+
+    def _collator(self) -> Callable[[list[Any]], Any] | None:
+        """The data collator, behind one that drops the keys ``forward`` does not take (``remove_unused_columns``)."""
+        collator = self.data_collator if self.data_collator is not None else default_collate_explained
+        if not self.args.remove_unused_columns:
+            return collator
+        params = forward_parameters(self.model)
+        if params is None:
+            return collator
+        # transformers' signature columns: forward's parameters, "label", "label_ids" and the label names.
+        kept = {*params, "label", "label_ids", *(self.args.label_names or model_label_names(self.model))}
+        return RemoveUnusedKeysCollator(self.data_collator, kept)
 
     def get_train_dataloader(self) -> Iterable[Any]:
         """The training batches: seeded per epoch, sharded across ranks, resumable."""
@@ -421,10 +456,7 @@ class Trainer:
                 # per-group work instead of two (transformers keeps two).
                 groups = [{"params": params, "weight_decay": 0.0}]
             groups = [g for g in groups if g["params"]]
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                fused=self.device.type == "cuda",
-            )
+            self.optimizer = build_optimizer(args.optim, groups, args, self.device)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -433,6 +465,7 @@ class Trainer:
             self.lr_scheduler = get_scheduler(
                 self.args.lr_scheduler_type, optimizer or self.optimizer,  # type: ignore[arg-type]
                 self.args.get_warmup_steps(num_training_steps), num_training_steps,
+                self.args.lr_scheduler_kwargs,
             )
         return self.lr_scheduler
 
@@ -456,9 +489,20 @@ class Trainer:
             return model(*inputs)
         return model(inputs)
 
+    @property
+    def label_names(self) -> list[str]:
+        """Batch keys holding labels.
+
+        ``args.label_names``, else the model's ``forward`` parameters whose name
+        contains ``label`` (transformers' rule), else ``["labels"]``.
+        """
+        if self.args.label_names is not None:
+            return list(self.args.label_names)
+        return model_label_names(self.model) or ["labels"]
+
     def _labels(self, inputs: Any, pop: bool) -> Any:
         if isinstance(inputs, Mapping):
-            for name in self.args.label_names or ("labels",):
+            for name in self.label_names:
                 if name in inputs:
                     return inputs.pop(name) if pop else inputs[name]  # type: ignore
             return None
@@ -469,7 +513,8 @@ class Trainer:
     @staticmethod
     def _extract_loss(outputs: Any) -> torch.Tensor | None:
         if isinstance(outputs, torch.Tensor):
-            return outputs
+            # A bare tensor is a loss only when it is a scalar; anything else is logits.
+            return outputs if outputs.dim() == 0 else None
         if isinstance(outputs, Mapping):
             loss = outputs.get("loss")
         elif isinstance(outputs, (list, tuple)) and outputs and isinstance(outputs[0], torch.Tensor):
@@ -486,7 +531,14 @@ class Trainer:
         Raises:
             ValueError: The model returned no loss; the message says what it returned.
         """
-        if self.compute_loss_func is not None:
+        smoothing = self.args.label_smoothing_factor
+        if smoothing and isinstance(inputs, Mapping) and "labels" in inputs and self.compute_loss_func is None:
+            # transformers' LabelSmoother: the labels are taken out and the loss is computed from the logits.
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = self._forward(model, inputs)
+            loss = smoothed_cross_entropy(outputs, labels, smoothing)
+        elif self.compute_loss_func is not None:
             if isinstance(inputs, Mapping):
                 inputs = dict(inputs)
             labels = self._labels(inputs, pop=True)
@@ -498,10 +550,14 @@ class Trainer:
             outputs = self._forward(model, inputs)
             loss = self._extract_loss(outputs)  # type: ignore
             if loss is None:
+                per_sample = (
+                    " If it is a per-sample loss, reduce it in forward (e.g. .mean())."
+                    if isinstance(outputs, torch.Tensor) and outputs.dim() == 1 else ""
+                )
                 raise ValueError(
                     f"The model did not return a loss: forward returned {_describe(outputs)}. Return a scalar "
                     "tensor, a dict with 'loss', an object with .loss, or a tuple starting with the loss; "
-                    "or pass compute_loss_func=... to the Trainer."
+                    f"or pass compute_loss_func=... to the Trainer.{per_sample}"
                 )
         if loss.dim() != 0:
             raise ValueError(
@@ -509,11 +565,16 @@ class Trainer:
             )
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model: nn.Module, inputs: Any, num_micro_batches: int = 1) -> torch.Tensor:
-        """Forward and backward one micro-batch; return the detached loss scaled by ``1/num_micro_batches``."""
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """Forward and backward one micro-batch (transformers' signature).
+
+        Returns the detached loss divided by the micro-batches of this update
+        (``gradient_accumulation_steps``, fewer at the end of an epoch).
+        """
         inputs = _move(inputs, self.device)
+        num_micro_batches = getattr(self, "_micro_batches", 1)
         with self._autocast():
-            loss = self.compute_loss(model, inputs)
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if num_micro_batches > 1:
             loss = loss / num_micro_batches
         if self.scaler is not None:
@@ -553,6 +614,12 @@ class Trainer:
                 )
             return found
         path = Path(resume_from_checkpoint)
+        if is_transformers_checkpoint(path):
+            logger.warning(
+                "Resuming from %s, a checkpoint without a %s manifest (written by transformers' Trainer?): "
+                "it was not written atomically and its files cannot be verified.", path, ckpt.COMMIT_MARKER,
+            )
+            return path
         if not ckpt.is_complete(path):
             raise ValueError(
                 f"resume_from_checkpoint={os.fspath(path)!r} is not a complete checkpoint (missing folder, "
@@ -561,10 +628,85 @@ class Trainer:
             )
         return path
 
-    def train(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None = None) -> TrainOutput:
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """Build a model with ``model_init`` (passing ``trial`` when it takes an argument).
+
+        Raises:
+            RuntimeError: ``model_init`` takes more than one argument or returned ``None``.
+        """
+        init = self.model_init
+        if init is None:
+            raise RuntimeError("call_model_init needs Trainer(model_init=...).")
+        takes = len(inspect.signature(init).parameters)
+        if takes > 1:
+            raise RuntimeError(f"model_init should take 0 or 1 argument (the trial), it takes {takes}.")
+        model = init() if takes == 0 else init(trial)
+        if model is None:
+            raise RuntimeError("model_init returned None: it must return a torch.nn.Module.")
+        return model
+
+    def _fresh_model(self, trial: Any) -> None:
+        """``model_init``: a new model (seeded like transformers), and a new optimizer and schedule for it."""
+        set_seed(self.args.seed)
+        self.model = self.call_model_init(trial).to(self.device)
+        self.model_wrapped = self.model
+        self.callback_handler.model = self.model
+        self.optimizer, self.lr_scheduler = None, None
+        self._compiled = False
+
+    def log_metrics(self, split: str, metrics: dict[str, Any]) -> None:
+        """Print ``metrics`` as transformers does (``***** train metrics *****`` and aligned lines), on world rank 0."""
+        if self.is_world_process_zero():
+            print(metrics_table(split, metrics))
+
+    def metrics_format(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Metrics formatted for reading: runtimes as ``h:mm:ss.cc``, floats rounded to 4 decimals."""
+        return format_metrics(metrics)
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """Write ``<split>_results.json`` (and merge into ``all_results.json``) in ``output_dir``, on world rank 0."""
+        if self.is_world_process_zero():
+            write_metrics(self.args.output_dir, split, metrics, combined)
+
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], float] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun:
+        """Search hyperparameters with Optuna (``pip install optuna``), transformers' signature.
+
+        Every trial sets the fields ``hp_space(trial)`` returns, trains a fresh model from
+        ``model_init`` and evaluates; ``compute_objective(metrics)`` (default: ``eval_loss``,
+        or the sum of the metrics) is minimised or maximised.
+
+        Raises:
+            ImportError: Optuna is not installed.
+            ValueError: Another backend, or no ``model_init``.
+        """
+        if backend not in (None, "optuna"):
+            raise ValueError(f"hyperparameter_search(backend={backend!r}) is invalid: epochal supports 'optuna' only.")
+        if self.model_init is None:
+            raise ValueError("hyperparameter_search needs Trainer(model_init=...): each trial trains a fresh model.")
+        return run_optuna(
+            self, hp_space, compute_objective or default_compute_objective, n_trials, direction, **kwargs
+        )
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | os.PathLike[str] | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
         """Train the model.
 
         Args:
+            trial: The Optuna trial (``hyperparameter_search``), passed to ``model_init``.
+            ignore_keys_for_eval: Output keys left out of the predictions of evaluations during training.
             resume_from_checkpoint: ``True`` resumes from the newest complete checkpoint
                 in ``output_dir``; a path resumes from that checkpoint. Weights,
                 optimizer, schedule, scaler, RNG streams, data position and
@@ -578,6 +720,9 @@ class Trainer:
             CheckpointChanged: A file of the checkpoint to resume changed after it was saved.
         """
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        if self.model_init is not None:
+            self._fresh_model(trial)
+        self._ignore_keys_for_eval = ignore_keys_for_eval
         set_seed(self.args.seed)
         self.preempted = False
         with PreemptionGuard(self.args.save_on_preemption) as guard:
@@ -654,6 +799,7 @@ class Trainer:
         self.create_optimizer_and_scheduler(plan.max_steps)
         if args.fp16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self._maybe_compile()
         self.model_wrapped = self._wrap_model()
         self._count_flos, self._pending_flos = flops_counter(unwrap_model(self.model)), 0.0
         guard = self._guard_mode()
@@ -664,6 +810,14 @@ class Trainer:
             plan, loader, self.model_wrapped, [p for p in self.model.parameters() if p.requires_grad],
             LossTracker(self.device, on_host=on_host), guard,
         )
+
+    def _maybe_compile(self) -> None:
+        """``torch_compile``: compile the model in place (its ``state_dict`` keys stay the same)."""
+        args = self.args
+        if args.torch_compile and not getattr(self, "_compiled", False):
+            options = {"backend": args.torch_compile_backend or "inductor", "mode": args.torch_compile_mode}
+            self.model.compile(**options)
+            self._compiled = True
 
     def _guard_mode(self) -> str:
         """How the non-finite guard checks an update: ``off``, ``on_device`` (no sync) or ``read``."""
@@ -761,18 +915,57 @@ class Trainer:
                 min(plan.accumulation, plan.batches_per_epoch - step) if plan.sized else plan.accumulation
             )
         is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
+        self._micro_batches = run.micro_batches
+        if self.args.include_num_input_tokens_seen:
+            self._count_input_tokens(inputs)
         if self._count_flos is not None:
             self._pending_flos += self._count_flos(inputs)
         if not is_update and isinstance(run.model, nn.parallel.DistributedDataParallel):
             with run.model.no_sync():
-                loss = self.training_step(run.model, inputs, run.micro_batches)
+                loss = self.training_step(run.model, inputs)
         else:
-            loss = self.training_step(run.model, inputs, run.micro_batches)
+            loss = self.training_step(run.model, inputs)
         # The first micro-batch's loss starts the sum: no zeroing op per update.
         run.update_loss = loss if first else run.update_loss + loss
         if not is_update:
             self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
         return is_update
+
+    def _count_input_tokens(self, inputs: Any) -> None:
+        """Add the batch's input tokens to ``state.num_input_tokens_seen`` (shapes only: no device sync)."""
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if isinstance(inputs, Mapping):
+            tensor = inputs.get(name)
+        else:
+            tensor = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+        if not isinstance(tensor, torch.Tensor):
+            if not getattr(self, "_warned_tokens", False):
+                self._warned_tokens = True
+                logger.warning(
+                    "include_num_input_tokens_seen=True but the batch has no %r tensor: tokens are not counted.", name
+                )
+            return
+        tokens = tensor.numel()
+        if self.is_distributed:
+            # Ranks' batches can differ in length: sum them (one small collective per micro-batch, as transformers).
+            total = torch.tensor([float(tokens)], device=self.device)
+            all_reduce_(total)
+            tokens = int(total.item())
+        self.state.num_input_tokens_seen += tokens
+
+    @staticmethod
+    def num_tokens(train_dl: Iterable[Any], max_steps: int | None = None) -> int:
+        """Tokens (``input_ids`` elements) in ``train_dl``; with ``max_steps``: the first batch's times it."""
+        train_tokens = 0
+        try:
+            for batch in train_dl:
+                tokens = batch["input_ids"].numel()
+                if max_steps is not None:
+                    return int(tokens * max_steps)
+                train_tokens += tokens
+        except (KeyError, TypeError, IndexError):
+            logger.warning("Cannot get num_tokens from dataloader: its batches hold no 'input_ids'.")
+        return train_tokens
 
     def _end_update(self, run: _Run, epoch: float) -> None:
         """Clip, check, step the optimizer and the schedule, then emit the step's events, logs and saves."""
@@ -792,7 +985,8 @@ class Trainer:
                 self.optimizer.step()  # type: ignore[union-attr]
         self.control = handler.on_optimizer_step(args, self.state, self.control)
         run.learning_rate = self.lr_scheduler.get_last_lr()[0]
-        self.lr_scheduler.step()
+        if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step()  # a plateau schedule steps on the eval metric instead
         # What model.zero_grad(set_to_none=True) does, without walking the module tree every update.
         for param in run.params:
             param.grad = None
@@ -920,7 +1114,7 @@ class Trainer:
             # Callbacks ran: under DDP, agree again on what happens next (only on steps with events).
             self._sync_control()
         if self.control.should_evaluate:
-            metrics = self.evaluate()
+            metrics = self.evaluate(ignore_keys=getattr(self, "_ignore_keys_for_eval", None))
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_new_best
@@ -1018,48 +1212,92 @@ class Trainer:
                 merged.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return merged
         dataloader = self.get_eval_dataloader(dataset)
-        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None)
+        output = self._prediction_loop(
+            dataloader, metric_key_prefix, need_predictions=self.compute_metrics is not None, ignore_keys=ignore_keys
+        )
         self.log(output.metrics)
+        self._step_plateau_schedule(output.metrics, metric_key_prefix)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         if not self._training:
             # Outside training nothing drains later: the caller expects its metrics to be logged.
             self._drain_reporters()
         return output.metrics
 
+    def _step_plateau_schedule(self, metrics: Mapping[str, float], prefix: str) -> None:
+        """Step a ``ReduceLROnPlateau`` schedule (built or given) with the eval metric, during training."""
+        if not self._training or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return
+        name = self.args.metric_for_best_model or "loss"
+        key = name if name.startswith(f"{prefix}_") else f"{prefix}_{name}"
+        if key not in metrics:
+            raise KeyError(
+                f"lr_scheduler is ReduceLROnPlateau and steps on {key!r}, which the evaluation did not return "
+                f"(available: {sorted(metrics)}). Set TrainingArguments.metric_for_best_model."
+            )
+        self.lr_scheduler.step(metrics[key])
+
     def predict(
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
         """Predict on ``test_dataset``; emits ``on_prediction_step`` per batch and ``on_predict`` (no ``on_log``)."""
         dataloader = self.get_test_dataloader(test_dataset)
-        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True)
+        output = self._prediction_loop(dataloader, metric_key_prefix, need_predictions=True, ignore_keys=ignore_keys)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         if not self._training:
             self._drain_reporters()
         return output
 
-    def prediction_step(self, model: nn.Module, inputs: Any) -> tuple[torch.Tensor | None, Any, Any]:
-        """Return ``(loss, predictions, labels)`` for one batch, without gradients."""
+    def prediction_step(
+        self, model: nn.Module, inputs: Any, prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """Return ``(loss, predictions, labels)`` for one batch, without gradients (transformers' signature).
+
+        When the batch carries labels the loss comes from :meth:`compute_loss`, so an
+        override of it gives ``eval_loss`` too. ``ignore_keys`` are output keys left
+        out of the predictions (default: the model config's ``keys_to_ignore_at_inference``).
+        """
         inputs = _move(inputs, self.device)
         labels = self._labels(inputs, pop=False)
+        if ignore_keys is None:
+            ignore_keys = list(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", []) or [])
         with torch.no_grad(), self._autocast():
-            if self.compute_loss_func is not None and labels is not None:
+            if labels is not None and self._loss_from_compute_loss():
                 loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
             else:
                 outputs = self._forward(model, inputs)
                 loss = self._extract_loss(outputs)
+        if loss is not None:
+            loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        predictions: Any
         if isinstance(outputs, torch.Tensor):
             predictions = None if outputs.dim() == 0 else outputs
         elif isinstance(outputs, Mapping):
-            rest = {k: v for k, v in outputs.items() if k != "loss"}
-            predictions = rest.get("logits", next(iter(rest.values()), None) if len(rest) == 1 else rest or None)
+            rest = {k: v for k, v in outputs.items() if k != "loss" and k not in ignore_keys}
+            if "logits" in rest and len(rest) == 1:
+                predictions = rest["logits"]
+            else:
+                values = tuple(rest.values())
+                predictions = values[0] if len(values) == 1 else values or None
         elif isinstance(outputs, (list, tuple)):
             rest = list(outputs[1:] if loss is not None and outputs and outputs[0] is loss else outputs)  # type: ignore
-            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None  # type: ignore
+            predictions = rest[0] if len(rest) == 1 else tuple(rest) or None
         else:
             predictions = getattr(outputs, "logits", None)
         return loss, predictions, labels
 
-    def _prediction_loop(self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool) -> PredictionOutput:
+    def _loss_from_compute_loss(self) -> bool:
+        """Whether evaluation takes its loss from ``compute_loss`` (overridden, or ``compute_loss_func`` given)."""
+        return (
+            self.compute_loss_func is not None
+            or self.args.label_smoothing_factor > 0
+            or type(self).compute_loss is not Trainer.compute_loss
+        )
+
+    def _prediction_loop(
+        self, dataloader: Iterable[Any], prefix: str, *, need_predictions: bool, ignore_keys: list[str] | None = None
+    ) -> PredictionOutput:
         handler = self.callback_handler
         handler.eval_dataloader = dataloader
         model = self.model
@@ -1067,51 +1305,56 @@ class Trainer:
         model.eval()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        loss_samples = 0
+        num_samples = 0
         has_loss = False
-        preds: list[Any] = []
-        labels: list[Any] = []
+        loss_only = self.args.prediction_loss_only or not need_predictions
+        preds, labels = EvalAccumulator(), EvalAccumulator()
+        accumulation = self.args.eval_accumulation_steps
         batches = 0
         padding = self._fsdp_eval_padding(dataloader)
         try:
             for inputs in dataloader:
-                loss, logits, label = self.prediction_step(model, inputs)
                 size = self._batch_size(inputs)
+                loss, logits, label = self.prediction_step(model, inputs, loss_only, ignore_keys=ignore_keys)
+                num_samples += size
                 if loss is not None:
                     has_loss = True
-                    loss_sum += loss.detach().double() * size
-                    count += size
-                if need_predictions and not self.args.prediction_loss_only:
+                    loss_sum += loss.double() * size
+                    loss_samples += size
+                if not loss_only:
                     if self.preprocess_logits_for_metrics is not None and logits is not None:
                         logits = self.preprocess_logits_for_metrics(logits, label)
-                    if logits is not None:
-                        preds.append(_detach_cpu(logits))
-                    if label is not None:
-                        labels.append(_detach_cpu(label))
+                    preds.add(logits)
+                    labels.add(label)
                 batches += 1
                 self.control = handler.on_prediction_step(self.args, self.state, self.control)
+                if accumulation is not None and batches % accumulation == 0:
+                    preds.flush()
+                    labels.flush()
             for _ in range(padding):  # fsdp: a forward is a collective, so every rank runs as many
-                self.prediction_step(model, inputs)
+                self.prediction_step(model, inputs, True)
         finally:
             model.train(was_training)
+        predictions, label_ids = preds.result(), labels.result()
         # An iterable dataset is not sharded: every rank saw all of it, and gathering would repeat it.
         if self.is_distributed and isinstance(getattr(dataloader, "batch_sampler", None), EpochBatchSampler):
-            totals = torch.stack([loss_sum, count, torch.tensor(float(has_loss), device=self.device).double()])
+            counts = torch.tensor([float(loss_samples), float(num_samples), float(has_loss)], device=self.device)
+            totals = torch.cat([loss_sum.reshape(1), counts.double()])
             all_reduce_(totals)
-            loss_sum, count, has_loss = totals[0], totals[1], bool(totals[2] > 0)
-            if need_predictions:
-                preds, labels = self._gather_objects(preds), self._gather_objects(labels)
-        predictions = _concat(preds)
-        label_ids = _concat(labels)
-        metrics: dict[str, float] = {}
-        if has_loss:
-            metrics[f"{prefix}_loss"] = self._to_host(loss_sum / count.clamp(min=1))[0]
+            loss_sum, loss_samples, num_samples = totals[0], int(totals[1].item()), int(totals[2].item())
+            has_loss = bool(totals[3] > 0)
+            if not loss_only:
+                predictions = _concat_host(self._gather_objects([predictions]))
+                label_ids = _concat_host(self._gather_objects([label_ids]))
+        metrics: dict[str, Any] = {}
         if self.compute_metrics is not None and predictions is not None:
             extra = self.compute_metrics(EvalPrediction(predictions, label_ids))
-            for key, value in dict(extra).items():
-                metrics[key if key.startswith(f"{prefix}_") else f"{prefix}_{key}"] = value
+            metrics = to_python_numbers(dict(extra))
+        if has_loss:
+            metrics[f"{prefix}_loss"] = self._to_host(loss_sum / max(loss_samples, 1))[0]
+        metrics = {key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": value for key, value in metrics.items()}
         runtime = time.perf_counter() - start
-        num_samples = float(count.item()) if has_loss else float(batches)
         metrics[f"{prefix}_runtime"] = runtime
         metrics[f"{prefix}_samples_per_second"] = num_samples / runtime if runtime > 0 else 0.0
         metrics[f"{prefix}_steps_per_second"] = batches / runtime if runtime > 0 else 0.0

@@ -13,13 +13,19 @@ import logging
 import os
 from typing import Any
 
+from .args_fields import (
+    OPTIMIZER_NAMES,
+    SCHEDULER_TYPES,
+    check_field_types,
+    reject_unknown_fields,
+    warn_no_effect_fields,
+)
 from .fsdp_options import FsdpPlan, normalise_fsdp, normalise_fsdp_config, plan_fsdp
 
 __all__ = ["SCHEDULER_TYPES", "TrainingArguments"]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER_TYPES = ("linear", "cosine", "constant", "constant_with_warmup")
 _STRATEGIES = ("no", "steps", "epoch")
 _NONFINITE_POLICIES = ("skip", "stop", "off")
 
@@ -51,10 +57,16 @@ class TrainingArguments:
         adam_beta1: AdamW beta1.
         adam_beta2: AdamW beta2.
         adam_epsilon: AdamW epsilon.
+        optim: ``"adamw_torch"`` (fused on CUDA), ``"adamw_torch_fused"``, ``"adafactor"``,
+            ``"sgd"``, ``"adagrad"`` or ``"rmsprop"`` (torch's classes).
+        optim_args: Extra optimizer arguments, transformers' ``"key=value,key=value"`` string.
+        label_smoothing_factor: Label smoothing of the cross-entropy loss computed from
+            ``logits`` and ``labels`` (the model's own loss is replaced, as in transformers).
         max_grad_norm: Clip the global gradient norm to this value; ``0`` disables clipping.
         num_train_epochs: Epochs to train (a float trains a fraction of the last one).
         max_steps: If > 0, total optimizer updates; overrides ``num_train_epochs``.
-        lr_scheduler_type: One of ``"linear"``, ``"cosine"``, ``"constant"``, ``"constant_with_warmup"``.
+        lr_scheduler_type: A schedule of :data:`SCHEDULER_TYPES` (transformers' names).
+        lr_scheduler_kwargs: Extra arguments of the schedule (``num_cycles``, ``min_lr``, ...).
         warmup_ratio: Fraction of the steps used for linear warmup.
         warmup_steps: Warmup steps; overrides ``warmup_ratio`` when > 0.
         logging_dir: Directory for integrations that write files (TensorBoard);
@@ -62,6 +74,8 @@ class TrainingArguments:
         logging_strategy: ``"no"``, ``"steps"`` or ``"epoch"``.
         logging_first_step: Also log after the first step.
         logging_steps: Logging interval.
+        include_num_input_tokens_seen: Count ``state.num_input_tokens_seen`` (the
+            elements of ``input_ids``, or of the batch's first tensor), summed over ranks.
         save_strategy: ``"no"``, ``"steps"``, ``"epoch"`` or ``"best"``.
         save_steps: Checkpoint interval.
         save_total_limit: Keep at most this many checkpoints (the best one is never deleted).
@@ -70,6 +84,9 @@ class TrainingArguments:
         data_seed: Seed of the data order; defaults to ``seed``.
         bf16: Autocast to bfloat16 (CPU or a device that supports it).
         fp16: Autocast to float16 with loss scaling (CUDA only).
+        torch_compile: Compile the model with ``torch.compile`` before training.
+        torch_compile_backend: ``torch.compile`` backend (setting it turns compilation on).
+        torch_compile_mode: ``torch.compile`` mode (setting it turns compilation on).
         disable_tqdm: Print logs instead of showing a bar. Default: the bar, unless
             logging is quieter than WARNING.
         report_to: ``"all"`` (every installed epochal integration), ``"none"``, or a list of names.
@@ -78,6 +95,8 @@ class TrainingArguments:
         dataloader_num_workers: Worker processes of the data loader.
         dataloader_drop_last: Drop the last incomplete training batch.
         dataloader_pin_memory: Pin host memory when training on an accelerator.
+        dataloader_persistent_workers: Keep the loader's worker processes between epochs.
+        dataloader_prefetch_factor: Batches each worker loads ahead (needs workers).
         load_best_model_at_end: Load the best checkpoint when training ends.
         metric_for_best_model: Metric that ranks checkpoints (``"loss"`` means ``eval_loss``).
         greater_is_better: Whether a larger metric is better. Default: ``False`` for
@@ -87,8 +106,13 @@ class TrainingArguments:
             (default ``True``, unlike transformers).
         use_cpu: Train on the CPU even if an accelerator is present.
         ignore_data_skip: On resume, do not skip the batches already seen in the current epoch.
-        label_names: Batch keys that hold labels (default ``["labels"]``).
+        label_names: Batch keys that hold labels. Default: the model's ``forward``
+            parameters whose name contains ``label`` (transformers' rule), else ``["labels"]``.
+        remove_unused_columns: Drop the keys of mapping samples that the model's
+            ``forward`` does not take (label names are kept), as transformers does.
         prediction_loss_only: In evaluation, compute only the loss.
+        eval_accumulation_steps: Move predictions to the host every this many evaluation
+            batches (default: keep them on the device until the end, one transfer).
         ddp_backend: torch.distributed backend; default ``"nccl"`` on CUDA, else ``"gloo"``.
         ddp_timeout: Seconds a collective may wait before the job fails (default 1800).
         ddp_find_unused_parameters: Passed to ``DistributedDataParallel``.
@@ -113,11 +137,21 @@ class TrainingArguments:
             names) or ``min_num_params`` for ``auto_wrap``, and ``reshard_after_forward``,
             ``offload_params``; keys may carry transformers' ``fsdp_`` prefix.
 
+    The transformers fields ``overwrite_output_dir``, ``do_train``/``do_eval``/``do_predict``,
+    the ``hub_*`` fields and ``skip_memory_metrics`` are accepted with no effect (one warning).
+    Another transformers field epochal lacks raises ``TypeError`` naming the alternative.
+
     Raises:
         ValueError: For an invalid value or an inconsistent combination.
+        TypeError: For an unknown field, or a value of the wrong type.
     """
 
     output_dir: str = "trainer_output"
+    # transformers' fields with no effect here: accepted, one warning when set (args_fields.NO_EFFECT_FIELDS).
+    overwrite_output_dir: bool = False
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
     eval_strategy: str = "no"
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -128,16 +162,21 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    optim: str = "adamw_torch"
+    optim_args: str | None = None
     max_grad_norm: float = 1.0
+    label_smoothing_factor: float = 0.0
     num_train_epochs: float = 3.0
     max_steps: int = -1
     lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] | None = None
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     logging_dir: str | None = None
     logging_strategy: str = "steps"
     logging_first_step: bool = False
     logging_steps: float = 500
+    include_num_input_tokens_seen: bool = False
     save_strategy: str = "steps"
     save_steps: float = 500
     save_total_limit: int | None = None
@@ -146,13 +185,25 @@ class TrainingArguments:
     data_seed: int | None = None
     bf16: bool = False
     fp16: bool = False
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
     disable_tqdm: bool | None = None
     report_to: str | list[str] | None = "all"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_strategy: str = "every_save"
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_always_push: bool = False
+    skip_memory_metrics: bool = True
     run_name: str | None = None
     eval_steps: float | None = None
     dataloader_num_workers: int = 0
     dataloader_drop_last: bool = False
     dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: int | None = None
     load_best_model_at_end: bool = False
     metric_for_best_model: str | None = None
     greater_is_better: bool | None = None
@@ -161,7 +212,9 @@ class TrainingArguments:
     use_cpu: bool = False
     ignore_data_skip: bool = False
     label_names: list[str] | None = None
+    remove_unused_columns: bool = True
     prediction_loss_only: bool = False
+    eval_accumulation_steps: int | None = None
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
     ddp_find_unused_parameters: bool | None = None
@@ -177,6 +230,12 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)
+        if self.logging_dir is not None:
+            self.logging_dir = os.fspath(self.logging_dir)
+        check_field_types(self)
+        warn_no_effect_fields(self)
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "runs")
         for name in ("eval_strategy", "logging_strategy"):
@@ -187,6 +246,24 @@ class TrainingArguments:
             raise _bad("save_strategy", self.save_strategy, f"use one of {[*_STRATEGIES, 'best']}.")
         if self.lr_scheduler_type not in SCHEDULER_TYPES:
             raise _bad("lr_scheduler_type", self.lr_scheduler_type, f"use one of {list(SCHEDULER_TYPES)}.")
+        if self.optim not in OPTIMIZER_NAMES:
+            raise _bad("optim", self.optim, f"use one of {list(OPTIMIZER_NAMES)}.")
+        if self.lr_scheduler_kwargs is not None and not isinstance(self.lr_scheduler_kwargs, dict):
+            raise _bad("lr_scheduler_kwargs", self.lr_scheduler_kwargs, "use a dict, e.g. {'num_cycles': 2}.")
+        if self.lr_scheduler_type == "reduce_lr_on_plateau":
+            if self.eval_strategy == "no":
+                raise _bad("eval_strategy", "no", "lr_scheduler_type='reduce_lr_on_plateau' steps on an eval metric.")
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise _bad("label_smoothing_factor", self.label_smoothing_factor, "use a value in [0, 1).")
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            raise _bad(
+                "dataloader_prefetch_factor", self.dataloader_prefetch_factor,
+                "it needs dataloader_num_workers > 0 (torch's DataLoader rule).",
+            )
+        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
+            raise _bad("eval_accumulation_steps", self.eval_accumulation_steps, "use None or an integer >= 1.")
         if self.nonfinite_policy not in _NONFINITE_POLICIES:
             raise _bad("nonfinite_policy", self.nonfinite_policy, f"use one of {list(_NONFINITE_POLICIES)}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -334,3 +411,7 @@ class TrainingArguments:
             k: v if isinstance(v, (bool, int, float, str)) else str(v)
             for k, v in self.to_dict().items()
         }
+
+
+# An unknown keyword names the field and the alternative instead of dataclasses' bare TypeError.
+TrainingArguments.__init__ = reject_unknown_fields(TrainingArguments.__init__)  # type: ignore[method-assign]

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .control import TrainerControl
 from .distributed import barrier
 from .fsdp import OPTIMIZER_DIR, is_sharded, is_sharded_checkpoint, load_sharded, save_sharded
+from .foreign_checkpoint import is_transformers_checkpoint, load_model_weights
 from .log_history import LogHistoryStore
 from .model_files import WEIGHTS_NAME, adopt_written, has_save_pretrained, load_model_files, write_model_files
 from .state import TRAINER_STATE_NAME, TrainerState
@@ -200,6 +201,14 @@ def save_training_checkpoint(snap: TrainingSnapshot) -> Path:
     return final
 
 
+def _restore_foreign_rng(rng_file: Path) -> None:
+    # transformers pickles numpy's RNG state as an ndarray, which weights_only loading refuses.
+    try:
+        set_rng_state(load_file(rng_file))
+    except (CheckpointError, KeyError, TypeError, ValueError) as err:
+        logger.warning("%s could not be read safely (%s): RNG streams are not restored.", rng_file, err)
+
+
 def _load_state(snap: TrainingSnapshot, path: Path) -> TrainerState:
     try:
         state = TrainerState.load_from_json(str(path / TRAINER_STATE_NAME))
@@ -237,12 +246,17 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
         CheckpointChanged: A file changed after the save (the message names it).
         CheckpointError: A file is missing, truncated or unsafe (the message names it).
     """
-    verify_checkpoint(path)
+    foreign = is_transformers_checkpoint(path)
+    if not foreign:
+        verify_checkpoint(path)
     state = _load_state(snap, path)
     if is_sharded_checkpoint(path) or is_sharded(snap.model):
         _load_shards(snap, path)  # issue 20
     else:
-        load_model_files(snap.model, path)
+        if foreign:  # issue 18: written by transformers' Trainer (model.safetensors or pytorch_model.bin)
+            snap.model.load_state_dict(load_model_weights(path))
+        else:
+            load_model_files(snap.model, path)
         if not (path / OPTIMIZER_NAME).exists():
             raise CheckpointError(
                 f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
@@ -253,7 +267,9 @@ def load_training_checkpoint(snap: TrainingSnapshot, path: Path) -> tuple[Traine
     if snap.scaler is not None and (path / SCALER_NAME).exists():
         snap.scaler.load_state_dict(load_file(path / SCALER_NAME))
     rng_file = path / rng_file_name(snap.rank, snap.world_size)
-    if rng_file.exists():
+    if rng_file.exists() and foreign:
+        _restore_foreign_rng(rng_file)
+    elif rng_file.exists():
         set_rng_state(load_file(rng_file))
     else:
         logger.warning("%s is missing: RNG streams are not restored, so the run will not be bit-identical.", rng_file)
