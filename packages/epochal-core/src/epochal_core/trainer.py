@@ -37,6 +37,7 @@ from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
 from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
+from .foreign_checkpoint import is_transformers_checkpoint
 from .fsdp import (
     full_model_state_dict,
     global_grad_norm,
@@ -46,16 +47,15 @@ from .fsdp import (
     plain_tensor,
     shard_model,
 )
-from .foreign_checkpoint import is_transformers_checkpoint
 from .handler import CallbackHandler
 from .hp_search import BestRun, default_compute_objective, run_optuna
 from .integrations import IntegrationCallback
 from .label_smoothing import smoothed_cross_entropy
 from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
+from .metrics_report import format_metrics, metrics_table, write_metrics
 from .model_conventions import enable_gradient_checkpointing, flops_counter
 from .model_files import WEIGHTS_NAME, load_model_files, save_model_folder, unwrap_model
-from .metrics_report import format_metrics, metrics_table, write_metrics
 from .model_inputs import RemoveUnusedKeysCollator, forward_parameters, model_label_names
 from .optimizers import build_optimizer
 from .preemption import PreemptionGuard

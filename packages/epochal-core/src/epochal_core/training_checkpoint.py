@@ -34,8 +34,8 @@ from .checkpoint import (
 )
 from .control import TrainerControl
 from .distributed import barrier
-from .fsdp import OPTIMIZER_DIR, is_sharded, is_sharded_checkpoint, load_sharded, save_sharded
 from .foreign_checkpoint import is_transformers_checkpoint, load_model_weights
+from .fsdp import OPTIMIZER_DIR, is_sharded, is_sharded_checkpoint, load_sharded, save_sharded
 from .log_history import LogHistoryStore
 from .model_files import WEIGHTS_NAME, adopt_written, has_save_pretrained, load_model_files, write_model_files
 from .state import TRAINER_STATE_NAME, TrainerState
