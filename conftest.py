@@ -43,17 +43,50 @@ def _offline_env(root: Path) -> dict[str, str]:
         "DVC_SITE_CACHE_DIR": str(root / "dvc_site_cache"),
         "DVC_GLOBAL_CONFIG_DIR": str(root / "dvc_global_config"),
         "DVC_SYSTEM_CONFIG_DIR": str(root / "dvc_system_config"),
-        # wandb / mlflow (later integrations)
+        # wandb: offline, its files under the temp folder; no error reporting (its OTel probe of
+        # api.forge.coreweave.com holds exit for 10 s on a network that drops packets), no console
+        # capture, system stats, git or code capture.
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",
         "WANDB_ERROR_REPORTING": "false",
         "WANDB_DIR": str(root / "wandb"),
+        "WANDB_CACHE_DIR": str(root / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(root / "wandb_config"),
+        "WANDB_DATA_DIR": str(root / "wandb_data"),
+        "WANDB_ARTIFACT_DIR": str(root / "wandb_artifacts"),
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_X_DISABLE_STATS": "true",
+        "WANDB_X_DISABLE_MACHINE_INFO": "true",
+        # mlflow: no telemetry (mlflow honours only the literal "true"), a local file store (the default
+        # would be ./mlflow.db plus ./mlruns, and a fresh SQLite store costs seconds of migrations),
+        # no progress bars. The path ends in <owner>/<repo> so DagsHub can tell its repository from it.
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "MLFLOW_TRACKING_URI": (root / "mlruns" / "epochal" / "tests").as_uri(),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # dagshub: a dummy token (without one it starts a browser login), its API on a closed
+        # loopback port (tests that upload start their own stand-in), its token cache in the temp folder.
+        "DAGSHUB_USER_TOKEN": "dummy-token-for-tests",
+        "DAGSHUB_CLIENT_HOST": "http://127.0.0.1:9",
+        "DAGSHUB_CLIENT_TOKENS_CACHE": str(root / "dagshub_tokens"),
+        "DAGSHUB_QUIET": "1",
+        # clearml: offline sessions (and its session file) under the cache dir, not ~/.clearml
+        "CLEARML_OFFLINE_MODE": "1",
+        "CLEARML_CACHE_DIR": str(root / "clearml_cache"),
+        # codecarbon: quiet; the integration always uses the offline tracker (no geolocation lookup)
+        "CODECARBON_LOG_LEVEL": "error",
+        # flytekit: its import-time sandbox goes under TMPDIR (set above); no INFO chatter
+        "FLYTE_SDK_LOGGING_LEVEL": "40",
     }
 
 
 for _key, _value in _offline_env(_ROOT).items():
     os.environ[_key] = _value
+# AzureML: with none of its run variables set, Run.get_context() is the offline run that prints.
+for _key in [k for k in os.environ if k.startswith("AZUREML_")]:
+    del os.environ[_key]
 for _sub in ("home", "tmp", "mplconfig"):
     (_ROOT / _sub).mkdir(parents=True, exist_ok=True)
 tempfile.tempdir = None  # re-read TMPDIR

@@ -22,13 +22,15 @@ from typing import Any
 import epochal_core
 import pytest
 from epochal_core import EVENTS, TrainerCallback
-from epochal_core.report_to import KNOWN_INTEGRATIONS, IntegrationInfo, available_integrations
+from epochal_core.discovery import KNOWN_INTEGRATIONS, IntegrationInfo, available_integrations
 from epochal_core.testing import scripted_run
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The one integration that may build on another (DESIGN.md section 2): its distribution -> the base's.
+BUILDS_ON = {"epochal-dagshub": "epochal-mlflow"}
 INTEGRATIONS = available_integrations()
 NAMES = sorted(INTEGRATIONS)
 
@@ -51,7 +53,9 @@ def requirements(info: IntegrationInfo) -> list[Requirement]:
 
 
 def sdk_requirements(info: IntegrationInfo) -> list[Requirement]:
-    return [r for r in requirements(info) if canonicalize_name(r.name) != "epochal-core"]
+    """Its own SDK: neither the core nor the integration it is declared to build on."""
+    skip = {"epochal-core", BUILDS_ON.get(canonicalize_name(info.distribution))}
+    return [r for r in requirements(info) if canonicalize_name(r.name) not in skip]
 
 
 def sdk_modules(info: IntegrationInfo) -> set[str]:
@@ -69,8 +73,8 @@ def tree(folder: Path) -> set[str]:
 
 
 def test_every_workspace_integration_is_discovered() -> None:
-    """Each ``packages/epochal-<word>`` (but the core) registers at least one entry point here."""
-    workspace = {p.name for p in ROOT.glob("packages/epochal-*") if p.name != "epochal-core"}
+    """Each ``packages/epochal-<word>`` (but the core and the demo) registers at least one entry point here."""
+    workspace = {p.name for p in ROOT.glob("packages/epochal-*") if p.name not in ("epochal-core", "epochal-demo")}
     registered = {canonicalize_name(i.distribution) for i in INTEGRATIONS.values()}
     assert workspace, "no integration package found under packages/"
     assert workspace <= registered, f"installed but not registered: {sorted(workspace - registered)}"
@@ -122,6 +126,9 @@ def test_distribution_metadata_is_consistent(info: IntegrationInfo) -> None:
     assert len(core) == 1, f"{info.distribution} must depend on epochal-core"
     assert core[0].url is None, f"{info.distribution} depends on a path/URL core: {core[0]}"
     assert core[0].specifier.contains(epochal_core.__version__), f"{core[0]} excludes the installed core"
+    base = BUILDS_ON.get(canonicalize_name(info.distribution))
+    if base is not None:
+        assert base in {canonicalize_name(r.name) for r in requirements(info)}, f"{info.distribution} builds on {base}"
     sdks = sdk_requirements(info)
     assert len(sdks) <= 1, f"{info.distribution} must depend on one SDK at most, not {[str(r) for r in sdks]}"
     declared = getattr(cls, "sdk_package", "")
@@ -161,7 +168,7 @@ def test_constructs_with_no_arguments_and_no_side_effects(info: IntegrationInfo,
 
 _FRESH_PROCESS = """
 import json, os, sys, threading
-from epochal_core.report_to import available_integrations
+from epochal_core.discovery import available_integrations
 info = available_integrations()[sys.argv[1]]
 threads = threading.active_count()
 callback = info.load()()
@@ -216,3 +223,12 @@ def test_state_dict_survives_json(info: IntegrationInfo) -> None:
     fresh: Any = cls()
     fresh.load_state_dict(saved)
     assert json.loads(json.dumps(fresh.state_dict())) == saved
+
+
+def test_every_documented_report_to_name_is_installed() -> None:
+    """Each ``report_to`` name of the protocol resolves to an installed epochal package in this workspace."""
+    missing = {name: dist for name, dist in KNOWN_INTEGRATIONS.items() if name not in INTEGRATIONS}
+    assert not missing, f"documented but not installed: {missing}"
+    for name, dist in KNOWN_INTEGRATIONS.items():
+        if name in INTEGRATIONS:
+            assert canonicalize_name(INTEGRATIONS[name].distribution) == dist, (name, INTEGRATIONS[name].distribution)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from epochal_core.report_to import KNOWN_INTEGRATIONS
+from epochal_core.discovery import KNOWN_INTEGRATIONS
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -38,11 +38,17 @@ CORE = "epochal-core"
 CORE_DEPENDENCIES = {"torch", "typing-extensions", "tqdm"}
 #: The meta-package depends on everything and registers nothing.
 META = "epochal"
+#: The one integration that may build on another (DESIGN.md section 2): its distribution -> the base's.
+BUILDS_ON = {"epochal-dagshub": "epochal-mlflow"}
+#: Workspace-only: installed by `uv run` from the root, never published nor part of the meta-package.
+DEMO = "epochal-demo"
 #: Distribution -> report_to name, where it is not the distribution's word (epochal-comet: "comet_ml").
 KNOWN_NAMES = {dist: name for name, dist in KNOWN_INTEGRATIONS.items()}
 
 PACKAGE_DIRS = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
-INTEGRATION_DIRS = [p for p in PACKAGE_DIRS if p.name.startswith("epochal-") and p.name != CORE]
+INTEGRATION_DIRS = [p for p in PACKAGE_DIRS if p.name.startswith("epochal-") and p.name not in (CORE, DEMO)]
+#: What the meta-package pins: every package but itself and the workspace-only demo.
+META_MEMBERS = {p.name for p in PACKAGE_DIRS if p.name not in (META, DEMO)}
 
 
 def load(folder: Path) -> dict[str, Any]:
@@ -69,7 +75,14 @@ def import_name(folder: Path) -> str:
 
 def sdks_of(folder: Path) -> set[str]:
     """The SDK an integration requires: one, or none when it writes its tracker's format itself."""
-    return {canonicalize_name(r.name) for r in dependencies(folder) if canonicalize_name(r.name) != CORE}
+    skip = {CORE, BUILDS_ON.get(folder.name)}
+    return {canonicalize_name(r.name) for r in dependencies(folder) if canonicalize_name(r.name) not in skip}
+
+
+def base_of(folder: Path) -> Path | None:
+    """The integration package ``folder`` is declared to build on, if any."""
+    base = BUILDS_ON.get(folder.name)
+    return folder.parent / base if base is not None else None
 
 
 def next_release(version: Version) -> str:
@@ -108,7 +121,19 @@ def test_meta_package_pins_every_package() -> None:
     meta = ROOT / "packages" / META
     version = project(meta)["version"]
     pins = {canonicalize_name(r.name): str(r.specifier) for r in dependencies(meta)}
-    assert pins == {p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta}
+    assert pins == {name: f"=={version}" for name in META_MEMBERS}
+
+
+def test_demo_is_workspace_only() -> None:
+    """The demo: installed by ``uv run`` from the root, absent from the meta-package and from the core."""
+    root = load(ROOT)
+    assert DEMO in {canonicalize_name(Requirement(r).name) for r in root["project"]["dependencies"]}
+    assert project(ROOT / "packages" / DEMO)["scripts"] == {"epochal-demo": "epochal_demo.demo:main"}
+    assert DEMO not in {canonicalize_name(r.name) for r in dependencies(ROOT / "packages" / META)}
+    core = ROOT / "packages" / CORE
+    assert "scripts" not in project(core)
+    # Vendoring the core (copying its folder) copies no demo.
+    assert not [p for p in (core / "src").rglob("*.py") if "demo" in p.read_text(encoding="utf-8").lower()]
 
 
 def test_same_python_requirement_everywhere() -> None:
@@ -282,12 +307,18 @@ def test_integration_dependencies(integration: Path) -> None:
     assert spec.contains(Version(f"{version.major}.{version.minor}.{version.micro + 1}")), \
         f"{core[0]} pins the core: use a compatible range (CONVENTIONS.md 12)"
     assert not spec.contains(Version(next_release(version))), f"{core[0]} has no upper bound"
-    others = [r for r in deps if canonicalize_name(r.name) != CORE]
+    base = BUILDS_ON.get(integration.name)
+    sources = {CORE: {"workspace": True}}
+    if base is not None:
+        [on_base] = [r for r in deps if canonicalize_name(r.name) == base]
+        assert on_base.specifier == spec, f"{on_base}: the same compatible range as the core"
+        sources[base] = {"workspace": True}
+    others = [r for r in deps if canonicalize_name(r.name) not in {CORE, base}]
     assert len(others) <= 1, f"one SDK at most, not {[str(r) for r in others]}"
     for sdk in others:
         assert not canonicalize_name(sdk.name).startswith("epochal"), "an integration never depends on another"
         assert not sdk.url and not sdk.marker, f"SDK {sdk} must be a plain, unconditional requirement"
-    assert load(integration)["tool"]["uv"]["sources"] == {CORE: {"workspace": True}}
+    assert load(integration)["tool"]["uv"]["sources"] == sources
 
 
 def test_integration_entry_point(integration: Path) -> None:
@@ -323,19 +354,19 @@ def _uv_env(cache: Path) -> dict[str, str]:
     The root conftest points HTTP(S)_PROXY at a closed port (so no SDK can phone
     home) and HOME at a temp folder; uv is a separate process that must reach its
     package index to fetch hatchling and resolve, so only for uv the proxies are
-    removed, and its cache is a temp folder (unless UV_CACHE_DIR names one), never the real home.
+    removed. Its cache is ``cache`` (see the ``uv_cache`` fixture).
     """
     env = {k: v for k, v in os.environ.items() if k.upper() not in {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
     env.pop("VIRTUAL_ENV", None)
-    env.setdefault("UV_CACHE_DIR", str(cache))
+    env["UV_CACHE_DIR"] = str(cache)
     env["UV_NO_PROGRESS"] = "1"
     return env
 
 
 def _run_uv(args: list[str], cache: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("cwd", ROOT)
     done = subprocess.run(
-        [_uv(), *args], cwd=ROOT, env=_uv_env(cache), capture_output=True, text=True, check=False, timeout=300,
-        **kwargs,
+        [_uv(), *args], env=_uv_env(cache), capture_output=True, text=True, check=False, timeout=300, **kwargs,
     )
     if done.returncode != 0 and re.search(r"error sending request|dns error|Connection refused|timed out", done.stderr):
         pytest.skip(f"the package index is unreachable: {done.stderr.strip().splitlines()[-1]}")
@@ -344,16 +375,30 @@ def _run_uv(args: list[str], cache: Path, **kwargs: Any) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def uv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("uv-cache")
+def uv_cache() -> Path:
+    """The user's uv cache, the one ``uv sync`` filled for this workspace (``UV_CACHE_DIR`` if set).
+
+    A fresh virtual environment then gets torch and the SDKs from it as hard links, in
+    about a second; a temp cache would download gigabytes (torch's CUDA wheels) per
+    session. uv writes into it only what it would write for ``uv sync``: the built
+    epochal wheels and any index metadata it revalidates.
+    """
+    env = dict(os.environ)
+    if os.name == "posix":  # the real home: the root conftest moved HOME
+        import pwd
+
+        env["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
+    if "UV_CACHE_DIR" not in env:
+        done = subprocess.run([_uv(), "cache", "dir"], env=env, capture_output=True, text=True, check=True, timeout=60)
+        env["UV_CACHE_DIR"] = done.stdout.strip()
+    return Path(env["UV_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> dict[str, Path]:
     """Every workspace package built once as a wheel: distribution name -> file."""
     out = tmp_path_factory.mktemp("wheels")
-    for folder in PACKAGE_DIRS:
-        _run_uv(["build", "--wheel", "--package", folder.name, "--out-dir", str(out)], uv_cache)
+    _run_uv(["build", "--all-packages", "--wheel", "--out-dir", str(out)], uv_cache)
     built: dict[str, Path] = {canonicalize_name(p.name.split("-")[0]): p for p in out.glob("*.whl")}
     assert set(built) == {p.name for p in PACKAGE_DIRS}, sorted(built)
     return built
@@ -392,20 +437,24 @@ def test_wheel_installs_its_sdk_and_nothing_of_the_other_integrations(
     metadata, points = wheel_metadata(wheel)
     assert metadata["Name"] == integration.name and metadata["Version"] == project(integration)["version"]
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
-    assert {canonicalize_name(r.name) for r in requires} == {CORE, *sdks_of(integration)}
+    base = base_of(integration)
+    assert {canonicalize_name(r.name) for r in requires} == {CORE, *sdks_of(integration)} | (
+        {base.name} if base else set()
+    )
     assert all(r.url is None for r in requires), "a workspace source leaked into the wheel's metadata"
     assert f"[{GROUP}]" in points and f"= {import_name(integration)}:" in points
     with zipfile.ZipFile(wheel) as zf:
         assert f"{import_name(integration)}/py.typed" in zf.namelist()
 
-    # Both wheels as direct requirements: the core must satisfy the integration's range.
-    resolved = _resolve({integration.name: wheel, CORE: wheels[CORE]}, uv_cache)
-    assert {integration.name, CORE, *sdks_of(integration)} <= resolved, sorted(resolved)
+    # The wheels as direct requirements (the base's too): the core must satisfy the integration's range.
+    own = {integration, *([base] if base else [])}
+    resolved = _resolve({p.name: wheels[p.name] for p in own} | {CORE: wheels[CORE]}, uv_cache)
+    assert {CORE, *(p.name for p in own), *(sdk for p in own for sdk in sdks_of(p))} <= resolved, sorted(resolved)
     for other in INTEGRATION_DIRS:
-        if other != integration:
+        if other not in own:
             assert other.name not in resolved
             assert not sdks_of(other) & resolved, f"{integration.name} pulls in {sdks_of(other)}"
-    assert {name for name in resolved if name.startswith("epochal")} == {integration.name, CORE}
+    assert {name for name in resolved if name.startswith("epochal")} == {CORE, *(p.name for p in own)}
 
 
 @pytest.mark.slow
@@ -418,7 +467,7 @@ def test_meta_wheel_pins_every_package_and_resolves_with_their_wheels(
     version = project(meta)["version"]
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
     assert {canonicalize_name(r.name): str(r.specifier) for r in requires} == {
-        p.name: f"=={version}" for p in PACKAGE_DIRS if p != meta
+        name: f"=={version}" for name in META_MEMBERS
     }
     assert points == "", "the meta-package registers nothing (each integration registers itself)"
     with zipfile.ZipFile(wheels[META]) as zf:
@@ -428,3 +477,172 @@ def test_meta_wheel_pins_every_package_and_resolves_with_their_wheels(
     assert {p.name for p in PACKAGE_DIRS} <= resolved
     for integration in INTEGRATION_DIRS:
         assert sdks_of(integration) <= resolved, f"{integration.name}'s SDK is missing"
+
+
+# -- the install stories: fresh virtual environments from the built wheels (slow) -------------------------
+#
+# Each story installs wheels into a new venv with `uv pip install`, pinned to the versions in uv.lock
+# (so every file comes from the uv cache), then runs Python there. Torch and the SDKs are hard links
+# from the cache: a venv with torch takes about a second on one file system.
+
+#: Tracker SDKs of transformers' integrations: none may come with the core, and an integration
+#: brings its own only.
+TRACKER_SDKS = {
+    "azureml-core", "clearml", "codecarbon", "comet-ml", "dagshub", "dvclive", "flytekit", "mlflow",
+    "mlflow-skinny", "neptune", "neptune-client", "tensorboard", "tensorboardx", "wandb",
+}
+
+_TINY_RUN = """
+import sys
+from epochal_core import Trainer, TrainingArguments
+from epochal_core.testing import TinyRegressor, tiny_dataset
+
+report_to = sys.argv[1].split(",") if len(sys.argv) > 1 else "all"
+args = TrainingArguments(output_dir="out", max_steps=4, logging_steps=2, save_steps=4, report_to=report_to,
+                         disable_tqdm=True)
+trainer = Trainer(model=TinyRegressor(), args=args, train_dataset=tiny_dataset(32))
+trainer.train()
+import epochal_core
+print("trained", trainer.state.global_step, sorted(type(cb).__name__ for cb in trainer.callback_handler.callbacks),
+      epochal_core.__file__)
+"""
+
+
+@pytest.fixture(scope="module")
+def lock_constraints(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path) -> Path:
+    """Every third-party version of uv.lock as a constraints file."""
+    path = tmp_path_factory.mktemp("constraints") / "constraints.txt"
+    _run_uv(["export", "--frozen", "--no-hashes", "--no-emit-workspace", "--all-packages", "--no-dev",
+             "--no-header", "--no-annotate", "--quiet", "--output-file", str(path)], uv_cache)
+    return path
+
+
+class Venv:
+    """A fresh virtual environment of this interpreter, filled by ``uv pip install``."""
+
+    def __init__(self, folder: Path, cache: Path, constraints: Path) -> None:
+        self.folder, self.cache, self.constraints = folder, cache, constraints
+        _run_uv(["venv", "--quiet", "--python", sys.executable, str(folder)], cache)
+        self.python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+        self.baseline: set[str] = set()
+
+    def install(self, *requirements: str | Path) -> None:
+        _run_uv(["pip", "install", "--quiet", "--python", str(self.python), "--constraint", str(self.constraints),
+                 *map(str, requirements)], self.cache)
+
+    def distributions(self) -> set[str]:
+        done = self.run("-c", "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))")
+        return {canonicalize_name(line) for line in done.stdout.split()}
+
+    def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        # The root conftest's environment (temp HOME, trackers offline, strict integrations) applies here too.
+        env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}}
+        done = subprocess.run([str(self.python), *args], cwd=cwd or self.folder, env=env, capture_output=True,
+                              text=True, check=False, timeout=300)
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+
+@pytest.fixture(scope="module")
+def core_venv(tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path,
+              wheels: dict[str, Path]) -> Venv:
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "core", uv_cache, lock_constraints)
+    venv.install(wheels[CORE])
+    venv.baseline = venv.distributions()  # before a test adds the plot extra
+    return venv
+
+
+def _workspace_sdks() -> set[str]:
+    return set().union(*(sdks_of(folder) for folder in INTEGRATION_DIRS))
+
+
+@pytest.mark.slow
+def test_core_alone_installs_no_tracker_sdk_and_trains(
+    core_venv: Venv, tmp_path: Path, wheels: dict[str, Path]
+) -> None:
+    installed = core_venv.baseline
+    assert {CORE, *CORE_DEPENDENCIES} <= installed
+    assert not installed & (TRACKER_SDKS | _workspace_sdks()), sorted(installed & TRACKER_SDKS)
+    assert {name for name in installed if name.startswith("epochal")} == {CORE}
+    listing = core_venv.run("-m", "epochal_core", "integrations").stdout
+    assert all(line.endswith("not installed") for line in listing.splitlines()[1:]), listing
+
+    done = core_venv.run("-c", _TINY_RUN, cwd=tmp_path)  # report_to="all": nothing installed, nothing added
+    assert "trained 4 ['DefaultFlowCallback', 'PrinterCallback']" in done.stdout, done.stdout
+    assert str(core_venv.folder) in done.stdout.split()[-1], "the installed core ran"
+
+    # The plot extra: matplotlib only, and `python -m epochal_core plot` draws the run just made.
+    core_venv.install(f"epochal-core[plot] @ {wheels[CORE].as_uri()}")
+    assert "matplotlib" in core_venv.distributions() - installed
+    png = Path(core_venv.run("-m", "epochal_core", "plot", "out", cwd=tmp_path).stdout.strip())
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_core_plus_dvclive_adds_that_sdk_only(
+    core_venv: Venv, tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path,
+    wheels: dict[str, Path], tmp_path: Path,
+) -> None:
+    dvclive = ROOT / "packages" / "epochal-dvclive"
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "dvclive", uv_cache, lock_constraints)
+    venv.install(wheels[CORE], wheels[dvclive.name])
+    added = venv.distributions() - core_venv.baseline
+    assert {dvclive.name, *sdks_of(dvclive)} <= added
+    assert {name for name in added if name.startswith("epochal")} == {dvclive.name}
+    assert not added & (TRACKER_SDKS | _workspace_sdks()) - sdks_of(dvclive) - {"dvc"}, sorted(added)
+
+    done = venv.run("-c", _TINY_RUN, "dvclive", cwd=tmp_path)
+    assert "DVCLiveCallback" in done.stdout, done.stdout
+    steps = (tmp_path / "out" / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in steps[1:]] == ["2", "4"], steps
+
+
+@pytest.mark.slow
+def test_meta_package_installs_everything_and_re_exports_it(
+    tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path, wheels: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "meta", uv_cache, lock_constraints)
+    venv.install(*wheels.values())
+    installed = venv.distributions()
+    assert {p.name for p in PACKAGE_DIRS} | _workspace_sdks() <= installed
+    done = venv.run("-c", (
+        "from epochal import Trainer, TensorBoardCallback\n"
+        "import epochal_core, epochal_tensorboard\n"
+        "assert Trainer is epochal_core.Trainer and TensorBoardCallback is epochal_tensorboard.TensorBoardCallback\n"
+        "print('ok', epochal_core.__file__)\n"
+    ), cwd=tmp_path)
+    assert done.stdout.startswith("ok ") and str(venv.folder) in done.stdout
+    listing = venv.run("-m", "epochal_core", "integrations").stdout
+    for folder in INTEGRATION_DIRS:
+        assert any(f" {folder.name} " in line and "not installed" not in line for line in listing.splitlines()), listing
+
+
+_VENDORED_RUN = """
+import importlib.metadata, sys
+from pathlib import Path
+import epochal_core
+assert Path(epochal_core.__file__).parent == Path.cwd() / "epochal_core", epochal_core.__file__
+try:
+    importlib.metadata.distribution("epochal-core")
+    sys.exit("epochal-core is installed: this is not a vendored copy")
+except importlib.metadata.PackageNotFoundError:
+    pass
+""" + _TINY_RUN
+
+
+@pytest.mark.slow
+def test_vendored_core_trains_in_a_bare_project(
+    tmp_path_factory: pytest.TempPathFactory, uv_cache: Path, lock_constraints: Path, tmp_path: Path,
+) -> None:
+    """Copy ``src/epochal_core`` into a project whose venv has only torch, tqdm and typing-extensions."""
+    venv = Venv(tmp_path_factory.mktemp("venvs") / "bare", uv_cache, lock_constraints)
+    venv.install(*sorted(CORE_DEPENDENCIES))
+    assert not {name for name in venv.distributions() if name.startswith("epochal")}
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "packages" / CORE / "src" / "epochal_core", project / "epochal_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "train.py").write_text(_VENDORED_RUN)
+    done = venv.run("train.py", cwd=project)
+    assert "trained 4 ['DefaultFlowCallback', 'PrinterCallback']" in done.stdout, done.stdout
+    assert (project / "out" / "checkpoint-4" / "COMPLETE").is_file()

@@ -32,7 +32,10 @@ CORE = "epochal_core"
 META = "epochal"
 #: Declared exceptions: importer -> workspace packages it may import besides the core.
 #: (DESIGN.md allows epochal-dagshub to build on epochal-mlflow, if it says so here.)
-ALLOWED: dict[str, frozenset[str]] = {}
+ALLOWED: dict[str, frozenset[str]] = {
+    # DagsHub's tracking is MLflow's protocol: DagsHubCallback subclasses MLflowCallback.
+    "epochal_dagshub": frozenset({"epochal_mlflow"}),
+}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Two things in ``packages/epochal`` are generated, never edited by hand
 (CONVENTIONS.md item 11):
 
 - the ``dependencies`` list of its ``pyproject.toml``: every other workspace
-  package, pinned to exactly the meta-package's version (and its
+  package except the workspace-only ones (:data:`WORKSPACE_ONLY`: the demo),
+  pinned to exactly the meta-package's version (and its
   ``[tool.uv.sources]`` table, so uv takes them from the workspace);
 - ``src/epochal/__init__.py``: every name in each package's ``__all__`` (read
   from the AST of its ``__init__.py``, nothing is imported), re-exported lazily
@@ -32,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORE = "epochal-core"
 META = "epochal"
+#: Workspace-only packages the meta-package leaves out (not published, not part of the API).
+WORKSPACE_ONLY = frozenset({"epochal-demo"})
 GENERATE_COMMAND = "python tools/sync_meta_package.py"
 
 _DEPENDENCIES = re.compile(r"^dependencies = \[\n(?:.*\n)*?\]\n", re.MULTILINE)
@@ -72,7 +75,7 @@ def packages(root: Path) -> list[Package]:
     found: list[Package] = []
     for pyproject in sorted(root.glob("packages/*/pyproject.toml")):
         folder = pyproject.parent
-        if folder.name == META:
+        if folder.name == META or folder.name in WORKSPACE_ONLY:
             continue
         module = folder.name.replace("-", "_")
         found.append(Package(folder.name, module, _exports(folder / "src" / module / "__init__.py")))

@@ -438,13 +438,19 @@ def epochal_trainer(
     clock: Clock | None = None,
     output_dir: str | None = None,
     device: str = "cpu",
+    own_optimizer: bool = False,
     **extra: Any,
 ) -> Any:
+    """An epochal Trainer on ``w``.
+
+    ``own_optimizer=True`` lets the Trainer build its AdamW and linear schedule from the
+    arguments, as a user does; otherwise it gets the same objects the hand loops use.
+    """
     from epochal_core import Trainer, TrainingArguments
 
     clock = clock or new_clock(w)
     model = make_model(w, clock)
-    opt, sched = make_optim(model.to(device), w)
+    opt, sched = (None, None) if own_optimizer else make_optim(model.to(device), w)
     args = TrainingArguments(
         output_dir=output_dir or temp_dir("epochal-bench-"),
         max_steps=w.steps,
@@ -458,7 +464,7 @@ def epochal_trainer(
         disable_tqdm=not tqdm,
         use_cpu=device == "cpu",
         seed=0,
-        **extra,
+        **{"lr_scheduler_type": "linear", "weight_decay": 0.0, **extra},
     )
     return Trainer(model=model, args=args, train_dataset=dataset, optimizers=(opt, sched), callbacks=callbacks)
 

@@ -4,7 +4,7 @@
     uv run --group bench python tools/bench/checkpoint_cost.py --quick
 
 Part 1 (7.6): saving the medium model (MLP 256-1024-1024-10, ~1.3M params) with
-its AdamW state after 3 steps, via ``epochal_core.checkpoint.save_training_checkpoint``
+its AdamW state after 3 steps, via ``epochal_core.training_checkpoint.save_training_checkpoint``
 (the Trainer's own path: weights, optimizer, scheduler, RNG, trainer_state.json,
 training_args.json, the log_history append, manifest, every file fsynced, atomic
 rename) against a bare
@@ -13,7 +13,7 @@ median of ``--repeats``; each save writes a new folder/file, removed untimed.
 
 Part 2 (4.9): a run that logs every step and checkpoints every 10 steps, on a
 tiny model, simulated through the public API: 10 x ``trainer.log(...)`` then
-``save_training_checkpoint(trainer)`` (``save_total_limit=2``), 1000 times.
+``save_training_checkpoint(trainer._snapshot())`` (``save_total_limit=2``), 1000 times.
 Reported: median save time of checkpoints 1-10 vs 991-1000, the size of
 ``trainer_state.json``, and the total. It measures the public behaviour (save
 time as the history grows), whatever the storage of ``log_history`` is.
@@ -43,7 +43,7 @@ def trained_trainer(w: Workload, output_dir: str, **extra: object) -> object:
 
 
 def part1(repeats: int) -> str:
-    from epochal_core.checkpoint import save_training_checkpoint
+    from epochal_core.training_checkpoint import save_training_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=os.environ.get("BENCH_DIR")))
     trainer = trained_trainer(MEDIUM, str(root / "epochal"))
@@ -53,7 +53,7 @@ def part1(repeats: int) -> str:
     def epochal_save(i: int) -> float:
         trainer.state.global_step = 1000 + i  # type: ignore[attr-defined]
         t0 = time.perf_counter()
-        path = save_training_checkpoint(trainer)
+        path = save_training_checkpoint(trainer._snapshot())  # type: ignore[attr-defined]
         dt = time.perf_counter() - t0
         shutil.rmtree(path)
         return dt
@@ -91,7 +91,7 @@ def part1(repeats: int) -> str:
 
 
 def part2(checkpoints: int, every: int) -> str:
-    from epochal_core.checkpoint import save_training_checkpoint
+    from epochal_core.training_checkpoint import save_training_checkpoint
 
     root = tempfile.mkdtemp(prefix="history-bench-", dir=os.environ.get("BENCH_DIR"))
     trainer = trained_trainer(TINY, root, save_total_limit=2)
@@ -109,7 +109,7 @@ def part2(checkpoints: int, every: int) -> str:
                 trainer.log({"loss": 0.6931 + 1e-4 * step, "grad_norm": 0.5 + 1e-5 * step,  # type: ignore
                              "learning_rate": 1e-3 * (1 - step / 10**6)})
             t0 = time.perf_counter()
-            path = save_training_checkpoint(trainer)
+            path = save_training_checkpoint(trainer._snapshot())  # type: ignore[attr-defined]
             times.append(time.perf_counter() - t0)
             sizes.append(sum(f.stat().st_size for f in path.iterdir()))
     shutil.rmtree(root, ignore_errors=True)

@@ -37,11 +37,11 @@ VARIANTS = ("base", "printer", "tensorboard", "printer+tensorboard")
 
 def child(variant: str, logs: int) -> None:
     import torch  # noqa: F401  (as in a training run; the writer's long runs use it)
+    from epochal_core.background import Reporter
     from epochal_core.control import TrainerControl
     from epochal_core.flow import DefaultFlowCallback
     from epochal_core.handler import CallbackHandler
     from epochal_core.progress import PrinterCallback
-    from epochal_core.reporting import Reporter
     from epochal_core.state import TrainerState
     from epochal_core.training_args import TrainingArguments
 

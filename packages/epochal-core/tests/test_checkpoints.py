@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from epochal_core import EarlyStoppingCallback, ExportableState, Trainer, TrainerCallback, TrainingArguments
-from epochal_core.checkpoint import COMMIT_MARKER, CheckpointError, is_complete, latest_checkpoint
+from epochal_core.checkpoint import (
+    COMMIT_MARKER,
+    CheckpointChanged,
+    CheckpointError,
+    is_complete,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from epochal_core.testing import CrashAt, ScriptedFailure
 from helpers_core import DictDataset, TinyRegressor
 
@@ -66,24 +73,76 @@ def test_resume_mid_epoch_with_dataloader_path(tmp_path):
 
 def test_resume_ignores_and_reports_incomplete_checkpoints(tmp_path, caplog):
     out = tmp_path / "out"
-    run(out, max_steps=5)
+    run(out, max_steps=5, save_steps=2)
     broken = out / "checkpoint-9"
     broken.mkdir()
-    (broken / "pytorch_model.bin").write_bytes(b"half")
+    (broken / "pytorch_model.bin").write_bytes(b"half")  # no manifest: an interrupted save
     (out / ".tmp-checkpoint-10-w").mkdir()
-    truncated = out / "checkpoint-7"
-    (out / "checkpoint-5").rename(truncated)  # a valid-looking folder whose file is then cut short
-    manifest = json.loads((truncated / COMMIT_MARKER).read_text())
-    assert manifest["files"]
-    with open(truncated / "optimizer.pt", "r+b") as f:
-        f.truncate(10)
-    assert not is_complete(truncated) and not is_complete(broken)
-    run(out, max_steps=5, save_steps=2)  # fresh checkpoints 2, 4, 5 next to the broken ones
+    assert not is_complete(broken)
     assert latest_checkpoint(out).name == "checkpoint-5"
     assert "Ignoring incomplete checkpoint" in caplog.text and "checkpoint-9" in caplog.text
+    assert "interrupted" in caplog.text
+    resumed = run(out, resume=True, max_steps=6, save_steps=2)
+    assert resumed.state.global_step == 6
+
+
+def test_manifest_records_each_files_checksum_as_written(tmp_path):
+    """Every file of a checkpoint is in the manifest with its size and the SHA-256 of its bytes on disk."""
+    import hashlib
+
+    out = tmp_path / "out"
+    run(out, max_steps=5)
+    folder = out / "checkpoint-5"
+    manifest = json.loads((folder / COMMIT_MARKER).read_text())
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != COMMIT_MARKER)
+    assert sorted(manifest["files"]) == on_disk
+    assert {"pytorch_model.bin", "optimizer.pt", "trainer_state.json", "rng_state.pth"} <= set(on_disk)
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("change", ["flipped-byte", "truncated", "deleted"])
+@pytest.mark.parametrize("resume", ["latest", "path"])
+def test_file_changed_after_the_save_is_refused_naming_it(tmp_path, change, resume):
+    """A committed checkpoint whose file changed is refused: the error names the file and says it changed."""
+    out = tmp_path / "out"
+    run(out, max_steps=5)
+    target = out / "checkpoint-5" / "optimizer.pt"
+    if change == "flipped-byte":
+        _flip_one_byte(target)
+    elif change == "truncated":
+        with open(target, "r+b") as f:
+            f.truncate(10)
+    else:
+        target.unlink()
+    assert is_complete(out / "checkpoint-5")  # committed: not an interrupted save
+    with pytest.raises(CheckpointChanged, match=r"optimizer\.pt' changed after the save") as raised:
+        run(out, resume=True if resume == "latest" else str(out / "checkpoint-5"), max_steps=8)
+    assert "not an interrupted save" in str(raised.value)
+
+
+def test_interrupted_save_is_reported_as_interrupted_not_changed(tmp_path):
+    out = tmp_path / "out"
+    run(out, max_steps=5)
+    (out / "checkpoint-5" / COMMIT_MARKER).unlink()
+    with pytest.raises(ValueError, match="the save was interrupted"):
+        run(out, resume=str(out / "checkpoint-5"))
+    with pytest.raises(CheckpointError, match="the save was interrupted") as raised:
+        verify_checkpoint(out / "checkpoint-5")
+    assert not isinstance(raised.value, CheckpointChanged)
 
 
 def test_tampered_checkpoint_fails_safely_naming_the_file(tmp_path):
+    """Even with a manifest rewritten to match, a file holding code is refused at load."""
+    import hashlib
+
     out = tmp_path / "out"
     run(out, max_steps=5)
     ckpt = out / "checkpoint-5"
@@ -94,7 +153,8 @@ def test_tampered_checkpoint_fails_safely_naming_the_file(tmp_path):
 
     torch.save({"state": Evil()}, ckpt / "optimizer.pt")
     manifest = json.loads((ckpt / COMMIT_MARKER).read_text())
-    manifest["files"]["optimizer.pt"] = (ckpt / "optimizer.pt").stat().st_size
+    data = (ckpt / "optimizer.pt").read_bytes()
+    manifest["files"]["optimizer.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (ckpt / COMMIT_MARKER).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"optimizer\.pt.*cannot be loaded safely"):
         run(out, resume=str(ckpt))
@@ -345,3 +405,16 @@ def test_deferred_fsync_waits_for_every_file_and_reports_its_errors(tmp_path):
         fsync.submit(pipe)
         raise KeyError("boom")
     assert pipe.closed
+
+
+def test_checksum_of_large_and_small_chunks_matches_the_file(tmp_path):
+    """Tensors above the overlap threshold are hashed on the helper thread; the digest is still the file's."""
+    import hashlib
+
+    from epochal_core.checkpoint import save_file
+
+    state = {"big": torch.arange(600_000, dtype=torch.float32), "small": torch.ones(3), "step": 7}  # 2.4 MB + bytes
+    entry = save_file(state, tmp_path / "state.pt")
+    data = (tmp_path / "state.pt").read_bytes()
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert torch.equal(torch.load(tmp_path / "state.pt", weights_only=True)["big"], state["big"])

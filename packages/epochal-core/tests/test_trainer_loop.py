@@ -7,6 +7,7 @@ from epochal_core.data import EpochBatchSampler
 from epochal_core.schedules import get_scheduler
 from helpers_core import DictDataset, Recorder, TinyRegressor, tensor_dataset
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 COMMON_KWARGS = {"model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"}
 
@@ -169,38 +170,72 @@ def test_compute_metrics_and_predict(tmp_path):
     assert [e for e, _ in rec.events] == ["on_prediction_step"] * 2 + ["on_predict"]  # no on_log, as transformers
 
 
+class DeviceReads(TorchFunctionMode):
+    """Records the global step at every read of a floating-point tensor's value into Python.
+
+    Counts what the code does to tensors (``item``, ``tolist``, ``cpu``, ``bool``, ``float``,
+    ``numpy``), not a counter the Trainer keeps on itself. Integer tensors (the sampler's index
+    permutation, read once per epoch) are not training values.
+    """
+
+    READS = frozenset({"item", "tolist", "cpu", "__bool__", "__float__", "numpy"})
+
+    def __init__(self, state_of):
+        super().__init__()
+        self.state_of = state_of
+        self.steps = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_floating_point():
+            self.steps.append(self.state_of().global_step)
+        return func(*args, **(kwargs or {}))
+
+
+def _train_counting_reads(tmp_path, **kw):
+    model = TinyRegressor()
+    # SGD: torch's AdamW reads its own step counter (a float tensor) at every update on the CPU.
+    trainer = Trainer(model, make_args(tmp_path, save_strategy="no", **kw), train_dataset=tensor_dataset(),
+                      optimizers=(torch.optim.SGD(model.parameters(), lr=0.05), None))
+    reads = DeviceReads(lambda: trainer.state)
+    with reads:
+        trainer.train()
+    return trainer, reads.steps
+
+
 def test_device_is_read_only_when_a_log_is_due(tmp_path):
-    """The loss stays on the device between logs: count the reads, not the time.
+    """The loss stays on the device between logs: every read of a tensor value happens at a logging step.
 
     (With the non-finite guard on, a CPU run reads the loss at every update for the check
     anyway, so it sums it on the host instead: see the next test.)
     """
-    args = make_args(tmp_path, max_steps=20, logging_steps=5, save_strategy="no", nonfinite_policy="off")
-    trainer = Trainer(TinyRegressor(), args, train_dataset=tensor_dataset())
-    trainer.train()
-    train_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(train_logs) == 4
-    assert trainer._to_host_calls == len(train_logs) + 1  # + the final summary
+    trainer, steps = _train_counting_reads(tmp_path, max_steps=20, logging_steps=5, nonfinite_policy="off")
+    log_steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert log_steps == [5, 10, 15, 20]
+    assert set(steps) == set(log_steps)  # reads at every log (and the summary at 20), at no other step
+    assert len(steps) <= 3 * len(log_steps) + 1  # loss, skip count, grad norm per log; the summary's loss
 
 
 def test_cpu_guard_sums_on_the_host_with_the_same_logs(tmp_path):
-    """Summing the guard's reads as floats logs what summing tensors logs, and reads nothing at a log."""
+    """Summing the guard's reads as floats logs what summing tensors logs.
+
+    The guard reads each update (so the read counter sees every step): the sums need no other read.
+    """
     runs = {}
     for policy in ("skip", "off"):
-        args = make_args(tmp_path / policy, max_steps=12, logging_steps=4, save_strategy="no",
-                         nonfinite_policy=policy)
-        trainer = Trainer(TinyRegressor(), args, train_dataset=tensor_dataset())
-        out = trainer.train()
-        runs[policy] = (trainer, out)
-    host, device = runs["skip"][0], runs["off"][0]
-    assert host._host_loss is not None and device._host_loss is None
-    assert host._to_host_calls == 0
+        runs[policy] = _train_counting_reads(tmp_path / policy, max_steps=12, logging_steps=4,
+                                             nonfinite_policy=policy)
+    (host, host_reads), (device, device_reads) = runs["skip"], runs["off"]
+    assert sorted(set(host_reads)) == list(range(12))  # the guard's read before each update's step count rises
+    assert len(host_reads) == 2 * 12  # loss and gradient norm, once per update: nothing at a log
+    assert set(device_reads) == {4, 8, 12}
     keys = ("step", "loss", "grad_norm", "learning_rate", "epoch")
     host_logs = [h[k] for h in host.state.log_history if "loss" in h for k in keys]
     device_logs = [h[k] for h in device.state.log_history if "loss" in h for k in keys]
     assert len(host_logs) == 3 * len(keys)
     assert host_logs == pytest.approx(device_logs, rel=1e-6)
-    assert runs["skip"][1].training_loss == pytest.approx(runs["off"][1].training_loss, rel=1e-6)
+    host_loss = host.state.log_history[-1]["train_loss"]
+    assert host_loss == pytest.approx(device.state.log_history[-1]["train_loss"], rel=1e-6)
 
 
 def test_early_stopping_and_best_model(tmp_path):
@@ -246,10 +281,32 @@ def test_fp16_on_cpu_is_rejected(tmp_path):
         Trainer(TinyRegressor(), make_args(tmp_path, fp16=True, use_cpu=True), train_dataset=DictDataset())
 
 
-def test_bf16_autocast_on_cpu_trains(tmp_path):
-    out = Trainer(TinyRegressor(), make_args(tmp_path, bf16=True, use_cpu=True, max_steps=3, save_strategy="no"),
-                  train_dataset=DictDataset()).train()
+class DtypeProbe(TinyRegressor):
+    """Records the dtype its linear layer computes in, as seen inside ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, labels=None):
+        out = self.linear(x)
+        self.seen.append(out.dtype)
+        loss = nn.functional.mse_loss(out.squeeze(-1).float(), labels)
+        return {"loss": loss, "logits": out.squeeze(-1)}
+
+
+@pytest.mark.parametrize(("bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float32)], ids=["bf16", "fp32"])
+def test_bf16_runs_forward_under_autocast(tmp_path, bf16, dtype):
+    """With bf16=True the forward pass computes in bfloat16 (autocast active), in training and evaluation."""
+    model = DtypeProbe()
+    args = make_args(tmp_path, bf16=bf16, use_cpu=True, max_steps=3, save_strategy="no")
+    trainer = Trainer(model, args, train_dataset=DictDataset(), eval_dataset=DictDataset(8, 1))
+    out = trainer.train()
+    trainer.evaluate()
+    assert len(model.seen) == 3 + 1
+    assert set(model.seen) == {dtype}
     assert math.isfinite(out.training_loss)
+    assert model.linear.weight.dtype == torch.float32  # autocast casts the computation, not the weights
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup"])
@@ -287,3 +344,38 @@ def test_console_prints_every_log_line_once_and_in_order(tmp_path, capsys, disab
                 for entry in trainer.state.log_history]
     assert lines == expected  # 40 train logs, 2 evaluations and the summary, each once, in order
     assert len(expected) == 43
+
+
+@pytest.mark.parametrize(("max_steps", "steps_per_epoch", "logging_steps", "eval_steps", "save_steps"),
+                         [(10, 5, 2, 5, 5), (7, 3, 1, 2, 3)], ids=["default-script", "uneven"])
+def test_scripted_run_emits_the_real_trainers_events_in_order(tmp_path, max_steps, steps_per_epoch,
+                                                              logging_steps, eval_steps, save_steps):
+    """epochal_core.testing.scripted_run, which integration tests rely on, matches a real Trainer's event order."""
+    from epochal_core.testing import scripted_run
+
+    scripted = scripted_run(TrainerCallback(), output_dir=tmp_path / "scripted", max_steps=max_steps,
+                            steps_per_epoch=steps_per_epoch, logging_steps=logging_steps, eval_steps=eval_steps,
+                            save_steps=save_steps, through_reporter=False)
+    args = make_args(tmp_path / "real", max_steps=max_steps, logging_steps=logging_steps, eval_strategy="steps",
+                     eval_steps=eval_steps, save_steps=save_steps)
+    recorder = Recorder()
+    trainer = Trainer(TinyRegressor(), args, train_dataset=DictDataset(8 * steps_per_epoch),
+                      eval_dataset=DictDataset(16, 1), callbacks=[recorder])  # 2 evaluation batches, as scripted
+    trainer.train()
+    assert scripted.events == [event for event, _ in recorder.events]
+    assert [h["step"] for h in scripted.state.log_history] == [h["step"] for h in trainer.state.log_history]
+
+
+def test_training_plan_counts_updates_epochs_and_the_resume_position(tmp_path):
+    from epochal_core.training_plan import plan_training
+
+    plan = plan_training(make_args(tmp_path, gradient_accumulation_steps=3, num_train_epochs=2), 10)
+    assert (plan.updates_per_epoch, plan.max_steps, plan.num_train_epochs) == (4, 8, 2)  # 3+3+3+1 batches
+    assert plan.resume_position(5, ignore_data_skip=False) == (1, 3)  # epoch 1, one update (3 batches) in
+    assert plan.resume_position(5, ignore_data_skip=True) == (1, 0)
+    stream = plan_training(make_args(tmp_path, max_steps=7), None)
+    assert (stream.sized, stream.batches_per_epoch, stream.updates_per_epoch) == (False, 7, 7)
+    with pytest.raises(ValueError, match=r"max_steps=-1 is invalid: the train_dataset has no length"):
+        plan_training(make_args(tmp_path), None)
+    with pytest.raises(ValueError, match="yields no batch"):
+        plan_training(make_args(tmp_path), 0)

@@ -277,11 +277,11 @@ def test_a_user_writer_runs_on_the_reporter_thread_with_each_logs_own_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reporter runs a passed-in writer up to 0.2 s late; each event keeps the training thread's time."""
-    import epochal_core.reporting
+    import epochal_core.background
     from torch.utils.tensorboard import SummaryWriter
 
     emitted = iter(1_600_000_000.0 + 10 * i for i in range(1000))  # the reporter's clock only, not the writer's
-    monkeypatch.setattr(epochal_core.reporting, "_now", lambda: next(emitted))
+    monkeypatch.setattr(epochal_core.background, "_now", lambda: next(emitted))
     callback = TensorBoardCallback(SummaryWriter(log_dir=str(tmp_path / "mine")))
     assert not callback.run_inline  # the built-in writer runs inline (see the next tests)
     trainer = Trainer(model=TinyRegressor(), args=trainer_args(tmp_path / "out", save_strategy="no", report_to="none"),

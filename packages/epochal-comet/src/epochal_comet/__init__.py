@@ -130,8 +130,6 @@ class CometCallback(IntegrationCallback):
         self.experiment: Any = None
         self._key_lock = threading.Lock()
         self._continue = False  # the key names an experiment that already exists
-        self._resumed = False
-        self._replayed_through = -1
         self._output_dir: str | None = None
         self._error: str | None = None
 
@@ -169,10 +167,6 @@ class CometCallback(IntegrationCallback):
             mode = "get"
         elif mode == "get" and not os.environ.get("COMET_EXPERIMENT_KEY"):
             raise ValueError("Comet mode 'get' continues an existing experiment: set COMET_EXPERIMENT_KEY to its key.")
-        if self._resumed:
-            # The trainer restarts at the checkpoint step; anything up to it is already in the experiment.
-            self._resumed = False
-            self._replayed_through = max(self.last_logged_step, state.global_step)
         online = self.online if self.online is not None else env_online
         if self.log_assets is None:
             self.log_assets = _env_bool("COMET_LOG_ASSETS") is True
@@ -221,14 +215,6 @@ class CometCallback(IntegrationCallback):
         finally:
             experiment.end()
 
-    def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
-    ) -> Any:
-        """Send the scalars of ``logs``, except for steps a resumed experiment already holds."""
-        if state.global_step <= self._replayed_through:
-            return
-        super().on_log(args, state, control, logs=logs, **kwargs)
-
     def on_predict(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None,
         **kwargs: Any,
@@ -260,4 +246,4 @@ class CometCallback(IntegrationCallback):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the experiment key so the resumed run continues the same experiment."""
         super().load_state_dict(state)
-        self._continue = self._resumed = self.run_id is not None
+        self._continue = self.run_id is not None

@@ -30,7 +30,7 @@ from .state import TrainerState
 from .training_args import TrainingArguments
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointChanged, CheckpointError
     from .trainer import EvalPrediction, PredictionOutput, Trainer, TrainOutput, set_seed
 
 __version__ = "0.1.0"
@@ -42,12 +42,14 @@ _LAZY = {
     "EvalPrediction": "trainer",
     "PredictionOutput": "trainer",
     "set_seed": "trainer",
+    "CheckpointChanged": "checkpoint",
     "CheckpointError": "checkpoint",
 }
 
 __all__ = [
     "EVENTS",
     "CallbackHandler",
+    "CheckpointChanged",
     "CheckpointError",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",

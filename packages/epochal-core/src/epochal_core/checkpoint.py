@@ -1,20 +1,33 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoint folders that are either complete and unchanged, or refused.
 
 A checkpoint is written into a hidden temporary folder beside its final place,
-every file is fsynced, a manifest (``COMPLETE``, listing each file and its size)
-is written last, and the folder is renamed to ``checkpoint-<step>`` (an atomic
-rename on POSIX file systems). Old checkpoints are rotated only after the new
-one is committed. Readers trust a folder only if its manifest exists and every
-listed file has the listed size, so a crash at any moment leaves either the
-previous set of checkpoints or the new one, never a half-written folder that
-resume would pick.
+every file is fsynced, a manifest (``COMPLETE``, listing each file with its size
+and SHA-256) is written last, and the folder is renamed to ``checkpoint-<step>``
+(an atomic rename on POSIX file systems). Old checkpoints are rotated only after
+the new one is committed. A crash at any moment leaves either the previous set of
+checkpoints or the new one, never a half-written folder that resume would pick.
 
+Two ways a folder can be unusable, told apart in every message:
+
+- *interrupted*: no valid manifest (the save never committed). Such folders are
+  ignored, with a warning.
+- *changed after the save*: the manifest is there but a file's size or checksum
+  differs from it (edited, truncated, bit rot). :func:`verify_checkpoint` raises
+  :class:`CheckpointChanged` naming the file.
+
+Checksums are computed while a file is written (:class:`FolderWriter` hashes the
+bytes ``torch.save`` hands to the file), so saving never reads a file back;
+``hashlib.sha256`` (OpenSSL, about 2 GB/s) is the well-kept checksum used.
 Everything is loaded with ``torch.load(weights_only=True)``: a tampered file
 cannot run code, it fails with :class:`CheckpointError` naming the file.
+
+This module knows nothing about training; :mod:`epochal_core.training_checkpoint`
+decides what a training checkpoint holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +35,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
@@ -31,8 +45,10 @@ import torch
 __all__ = [
     "COMMIT_MARKER",
     "PREFIX_CHECKPOINT_DIR",
+    "CheckpointChanged",
     "CheckpointError",
     "DeferredFsync",
+    "FolderWriter",
     "atomic_checkpoint",
     "checkpoint_step",
     "deferred_fsync",
@@ -43,6 +59,7 @@ __all__ = [
     "load_file",
     "rotate_checkpoints",
     "save_file",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,11 +67,19 @@ logger = logging.getLogger(__name__)
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 COMMIT_MARKER = "COMPLETE"
 _TMP_PREFIX = ".tmp-"
+#: Per-rank lists of the files a rank wrote (with their checksums), merged into the manifest at commit.
+_PART_PREFIX = ".files-"
+#: Manifest versions: 1 recorded sizes only; 2 records ``{"size", "sha256"}`` per file.
+MANIFEST_FORMAT = 2
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, tampered with or of the wrong kind."""
+
+
+class CheckpointChanged(CheckpointError):
+    """A file of a committed checkpoint differs from its manifest: it changed after the save."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,26 +163,106 @@ def finish_file(file: IO[Any], fsync: DeferredFsync | None) -> None:
         _fsync_and_close(file)
 
 
-def save_file(obj: Any, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> None:
-    """``torch.save`` ``obj`` to ``path`` and fsync it (when ``fsync`` waits, if given)."""
+#: Chunks at least this large are hashed on a helper thread while the training thread writes them.
+_OVERLAP_BYTES = 1 << 20
+_hasher: ThreadPoolExecutor | None = None
+
+
+def _hash_thread() -> ThreadPoolExecutor:
+    global _hasher
+    if _hasher is None:  # created on the first large save, not at import
+        _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epochal-checksum")
+    return _hasher
+
+
+class _HashingWriter:
+    """A write-only binary file that feeds every byte written through it to a SHA-256.
+
+    A large chunk (a tensor's storage) is hashed on a helper thread while this thread
+    copies it into the file: both release the GIL, so the checksum costs about
+    nothing beyond the write. The chunk is hashed before :meth:`write` returns, in order.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.size += size
+        if size < _OVERLAP_BYTES:
+            self.digest.update(data)
+            return self.file.write(data)
+        hashed = _hash_thread().submit(self.digest.update, data)
+        try:
+            return self.file.write(data)
+        finally:
+            hashed.result()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write(path: str | os.PathLike[str], fill: Any, fsync: DeferredFsync | None) -> dict[str, Any]:
+    """Open ``path``, let ``fill`` write into a hashing wrapper, fsync; return ``{"size", "sha256"}``."""
     file = open(path, "wb")  # noqa: SIM115 - closed by finish_file, possibly later
     try:
-        torch.save(obj, file)
+        writer = _HashingWriter(file)
+        fill(writer)
     except BaseException:
         file.close()
         raise
     finish_file(file, fsync)
+    return {"size": writer.size, "sha256": writer.digest.hexdigest()}
 
 
-def write_text(text: str, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> None:
-    """Write ``text`` (UTF-8) to ``path`` and fsync it (when ``fsync`` waits, if given)."""
-    file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by finish_file, possibly later
-    try:
-        file.write(text)
-    except BaseException:
-        file.close()
-        raise
-    finish_file(file, fsync)
+def save_file(obj: Any, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> dict[str, Any]:
+    """``torch.save`` ``obj`` to ``path`` and fsync it (when ``fsync`` waits, if given).
+
+    Returns:
+        ``{"size": bytes, "sha256": hex}`` of what was written, computed while writing.
+    """
+    return _write(path, lambda file: torch.save(obj, file), fsync)
+
+
+def write_text(text: str, path: str | os.PathLike[str], *, fsync: DeferredFsync | None = None) -> dict[str, Any]:
+    """Write ``text`` (UTF-8) to ``path`` and fsync it (when ``fsync`` waits, if given).
+
+    Returns:
+        ``{"size": bytes, "sha256": hex}`` of what was written.
+    """
+    return _write(path, lambda file: file.write(text.encode("utf-8")), fsync)
+
+
+class FolderWriter:
+    """Writes files into a checkpoint's temporary folder and records each one's size and SHA-256.
+
+    Files are fsynced together when ``fsync`` waits. :meth:`record` leaves this
+    rank's list in the folder, for :func:`commit` to merge into the manifest: under
+    torch.distributed every rank writes its own files and rank 0 commits them all.
+
+    Args:
+        folder: The temporary folder (from :func:`temporary_dir` or :func:`atomic_checkpoint`).
+        fsync: Where each file's fsync is deferred to.
+    """
+
+    def __init__(self, folder: Path, fsync: DeferredFsync | None = None) -> None:
+        self.folder = folder
+        self.fsync = fsync
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def save(self, obj: Any, name: str) -> None:
+        """``torch.save`` ``obj`` as ``name``."""
+        self.files[name] = save_file(obj, self.folder / name, fsync=self.fsync)
+
+    def write_text(self, text: str, name: str) -> None:
+        """Write ``text`` (UTF-8) as ``name``."""
+        self.files[name] = write_text(text, self.folder / name, fsync=self.fsync)
+
+    def record(self, rank: int = 0) -> None:
+        """Leave the list of files written by this rank in the folder (fsynced with the files)."""
+        write_text(json.dumps(self.files), self.folder / f"{_PART_PREFIX}{rank}.json", fsync=self.fsync)
 
 
 def load_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
@@ -185,15 +290,69 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_complete(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a committed checkpoint whose files all have their recorded sizes."""
-    folder = Path(path)
+def _read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The manifest's ``name -> {"size", "sha256"?}``; ``None`` without a valid one (an interrupted save)."""
     try:
         manifest = json.loads((folder / COMMIT_MARKER).read_text(encoding="utf-8"))
         files = manifest["files"]
-        return all((folder / name).stat().st_size == size for name, size in files.items())
+        # Format 1 recorded the size alone.
+        return {str(name): entry if isinstance(entry, dict) else {"size": int(entry)} for name, entry in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return None
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a committed checkpoint: its manifest exists and is valid.
+
+    Cheap (one small read): it says the save finished, not that the files are
+    unchanged since; :func:`verify_checkpoint` checks those.
+    """
+    return _read_manifest(Path(path)) is not None
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as file:
+        while n := file.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Check every file of committed checkpoint ``path`` against its manifest (size, then SHA-256).
+
+    Raises:
+        CheckpointError: ``path`` has no valid manifest: the save was interrupted.
+        CheckpointChanged: A listed file is missing, or its size or checksum differs from
+            the manifest: it changed after the save. The message names the file.
+    """
+    folder = Path(path)
+    files = _read_manifest(folder)
+    if files is None:
+        raise CheckpointError(
+            f"{os.fspath(folder)!r} is not a complete checkpoint: it has no valid {COMMIT_MARKER} manifest "
+            "(the save was interrupted). Resume from another checkpoint."
+        )
+    for name, entry in sorted(files.items()):
+        file = folder / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            problem = "it is missing (deleted after the save)"
+        else:
+            if size != entry["size"]:
+                problem = f"its size is {size} bytes where the save wrote {entry['size']}"
+            elif "sha256" in entry and _sha256_of(file) != entry["sha256"]:
+                problem = "its SHA-256 differs from the one recorded while saving"
+            else:
+                continue
+        raise CheckpointChanged(
+            f"Checkpoint file {os.fspath(file)!r} changed after the save: {problem}. The checkpoint was "
+            "committed complete, so the file was modified or corrupted afterwards (not an interrupted save). "
+            "Restore the file, or resume from another checkpoint."
+        )
 
 
 def list_checkpoints(output_dir: str | os.PathLike[str], *, report: bool = False) -> list[Path]:
@@ -212,7 +371,10 @@ def list_checkpoints(output_dir: str | os.PathLike[str], *, report: bool = False
             if is_complete(child):
                 complete.append((step, child))
             elif report:
-                logger.warning("Ignoring incomplete checkpoint %s (no valid %s manifest).", child, COMMIT_MARKER)
+                logger.warning(
+                    "Ignoring incomplete checkpoint %s (no valid %s manifest: the save was interrupted).",
+                    child, COMMIT_MARKER,
+                )
         elif report and child.name.startswith(_TMP_PREFIX + PREFIX_CHECKPOINT_DIR):
             logger.warning("Ignoring unfinished checkpoint write %s (interrupted save).", child)
     return [path for _, path in sorted(complete)]
@@ -229,14 +391,29 @@ def temporary_dir(output_dir: str | os.PathLike[str], step: int, token: str) -> 
     return Path(output_dir) / f"{_TMP_PREFIX}{PREFIX_CHECKPOINT_DIR}-{step}-{token}"
 
 
+def _recorded_files(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Merge (and remove) the per-rank lists :meth:`FolderWriter.record` left in ``tmp``."""
+    files: dict[str, dict[str, Any]] = {}
+    for part in sorted(tmp.glob(f"{_PART_PREFIX}*.json")):
+        files.update(json.loads(part.read_text(encoding="utf-8")))
+        part.unlink()
+    return files
+
+
 def commit(tmp: Path, final: Path) -> None:
-    """Write the manifest into ``tmp`` and atomically rename it to ``final``."""
-    files = {
-        str(p.relative_to(tmp)): p.stat().st_size
-        for p in sorted(tmp.rglob("*"))
-        if p.is_file() and p.name != COMMIT_MARKER
-    }
-    write_text(json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True), tmp / COMMIT_MARKER)
+    """Write the manifest into ``tmp`` and atomically rename it to ``final``.
+
+    Files a :class:`FolderWriter` wrote carry the checksum computed while writing;
+    any other file (written straight into the folder) is hashed here, its one read.
+    """
+    recorded = _recorded_files(tmp)
+    files = {}
+    for path in sorted(tmp.rglob("*")):
+        name = str(path.relative_to(tmp))
+        if path.is_file() and name != COMMIT_MARKER:
+            files[name] = recorded.get(name) or {"size": path.stat().st_size, "sha256": _sha256_of(path)}
+    manifest = {"format": MANIFEST_FORMAT, "files": files}
+    write_text(json.dumps(manifest, indent=1, sort_keys=True), tmp / COMMIT_MARKER)
     _fsync_dir(tmp)
     if final.exists():
         # Saving the same step twice (rare: a resumed run re-saving): keep the old
@@ -295,206 +472,3 @@ def rotate_checkpoints(output_dir: str | os.PathLike[str], limit: int | None, ke
         shutil.rmtree(path, ignore_errors=True)
         deleted.append(path)
     return deleted
-
-
-# -- what a training checkpoint holds ------------------------------------------------
-
-WEIGHTS_NAME = "pytorch_model.bin"
-OPTIMIZER_NAME = "optimizer.pt"
-SCHEDULER_NAME = "scheduler.pt"
-SCALER_NAME = "scaler.pt"
-TRAINING_ARGS_NAME = "training_args.json"
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG stream training draws from, in a ``weights_only``-loadable form."""
-    import random
-    import sys
-
-    state: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
-        state["numpy"] = (kind, keys.tolist(), pos, has_gauss, cached)
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s output."""
-    import random
-    import sys
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy = sys.modules.get("numpy")
-    if "numpy" in state and numpy is not None:
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-
-
-def _state_key(callback: Any) -> str:
-    return str(getattr(callback, "state_key", None) or type(callback).__name__)
-
-
-def _stateful(objects: list[Any]) -> list[Any]:
-    from .callback import ExportableState
-
-    def has_pair(o: Any) -> bool:
-        return callable(getattr(o, "state_dict", None)) and callable(getattr(o, "load_state_dict", None))
-
-    return [o for o in objects if isinstance(o, ExportableState) or has_pair(o)]
-
-
-def _export(obj: Any) -> dict[str, Any]:
-    from .callback import ExportableState
-
-    if isinstance(obj, ExportableState):
-        return obj.state()
-    return {"state_dict": obj.state_dict()}
-
-
-def collect_callback_states(callbacks: list[Any], control: Any) -> dict[str, Any]:
-    """``stateful_callbacks`` for ``trainer_state.json``: rebuilt at every save, never appended to.
-
-    The key is the callback's ``state_key`` attribute, else its class name
-    (transformers' format). Callbacks sharing a key are stored as a list in
-    callback order, so two instances of one class never collide.
-    """
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for obj in _stateful([*callbacks, control]):
-        grouped.setdefault(_state_key(obj), []).append(_export(obj))
-    return {key: states[0] if len(states) == 1 else states for key, states in grouped.items()}
-
-
-def restore_callback_states(saved: dict[str, Any], callbacks: list[Any], control: Any) -> None:
-    """Restore saved states onto the current callbacks, in place and in order, reporting mismatches."""
-    from .callback import ExportableState
-
-    current: dict[str, list[Any]] = {}
-    for obj in _stateful([*callbacks, control]):
-        current.setdefault(_state_key(obj), []).append(obj)
-    for key, states in saved.items():
-        states = states if isinstance(states, list) else [states]
-        targets = current.pop(key, [])
-        if not targets:
-            logger.warning("The checkpoint holds state for %r, which is not among the current callbacks; ignored.", key)
-            continue
-        if len(targets) != len(states):
-            logger.warning(
-                "The checkpoint holds %d state(s) for %r but there are %d such callback(s) now; "
-                "restoring the first %d in order.",
-                len(states), key, len(targets), min(len(states), len(targets)),
-            )
-        for obj, data in zip(targets, states):
-            if obj is control:
-                for flag, value in data.get("args", {}).items():
-                    setattr(obj, flag, value)
-            elif isinstance(obj, ExportableState):
-                saved_args = data.get("args", {})
-                now_args = obj.state().get("args", {})
-                if saved_args != now_args:
-                    logger.warning(
-                        "%s was saved with args %s and is now built with %s; keeping the new args and "
-                        "restoring its attributes.", key, saved_args, now_args,
-                    )
-                for attr, value in data.get("attributes", {}).items():
-                    setattr(obj, attr, value)
-            else:
-                obj.load_state_dict(data.get("state_dict", {}))
-    for key in current:
-        logger.warning("The checkpoint holds no state for callback %r; it starts fresh.", key)
-
-
-def save_training_checkpoint(trainer: Any) -> Path:
-    """Write and commit ``checkpoint-<global_step>`` for ``trainer``; return its path.
-
-    Under torch.distributed, world rank 0 writes the model, optimizer, schedule
-    and state once, every rank writes its own RNG state, and rank 0 commits only
-    after a barrier proves all ranks are done.
-    """
-    from .distributed import barrier
-
-    args, state = trainer.args, trainer.state
-    rank, world = trainer.dist.rank, trainer.dist.world_size
-    # Integrations must have processed every event (e.g. created their run) before
-    # their state (the run id) is saved.
-    trainer._drain_reporters()
-    root = Path(args.output_dir)
-    step = state.global_step
-    final = root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-    tmp = temporary_dir(root, step, "w")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash at this very step
-        tmp.mkdir(parents=True)
-    barrier()
-    # Every file starts its write-back as soon as it is written; all are fsynced when the block ends.
-    with deferred_fsync() as fsync:
-        if rank == 0:
-            save_file(trainer.model.state_dict(), tmp / WEIGHTS_NAME, fsync=fsync)
-            if not args.save_only_model:
-                save_file(trainer.optimizer.state_dict(), tmp / OPTIMIZER_NAME, fsync=fsync)
-                save_file(trainer.lr_scheduler.state_dict(), tmp / SCHEDULER_NAME, fsync=fsync)
-                if trainer.scaler is not None:
-                    save_file(trainer.scaler.state_dict(), tmp / SCALER_NAME, fsync=fsync)
-        if not args.save_only_model:
-            save_file(rng_state(), tmp / (f"rng_state_{rank}.pth" if world > 1 else "rng_state.pth"), fsync=fsync)
-        # On every rank: load_best_model_at_end reads it, and the ranks must agree on it.
-        if state.best_global_step is not None:
-            best = root / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
-            if state.best_global_step == step or best.is_dir():
-                state.best_model_checkpoint = str(best)
-        if rank == 0:
-            state.stateful_callbacks = collect_callback_states(trainer.callback_handler.callbacks, trainer.control)
-            record = trainer._log_store.persist(root, state.log_history, fsync)
-            write_text(trainer._log_store.state_json(state, record), tmp / "trainer_state.json", fsync=fsync)
-            write_text(args.to_json_string(), tmp / TRAINING_ARGS_NAME, fsync=fsync)
-    barrier()
-    if rank == 0:
-        commit(tmp, final)
-        rotate_checkpoints(root, args.save_total_limit, keep=state.best_model_checkpoint)
-    barrier()
-    return final
-
-
-def load_training_checkpoint(trainer: Any, path: Path) -> Any:
-    """Restore ``trainer`` from committed checkpoint ``path``; return the restored control (or ``None``).
-
-    Raises:
-        CheckpointError: A file is missing, truncated or unsafe (the message names it).
-    """
-    from .state import TrainerState
-
-    args = trainer.args
-    try:
-        state = TrainerState.load_from_json(str(path / "trainer_state.json"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"Checkpoint file {str(path / 'trainer_state.json')!r} is unreadable: {err}") from err
-    state.is_local_process_zero = trainer.is_local_process_zero()
-    state.is_world_process_zero = trainer.is_world_process_zero()
-    trainer._log_store.restore(state, path, args.output_dir)
-    trainer.state = state
-    trainer.model.load_state_dict(load_file(path / WEIGHTS_NAME))
-    if not (path / OPTIMIZER_NAME).exists():
-        raise CheckpointError(
-            f"{str(path)!r} holds no optimizer state (saved with save_only_model=True?): it cannot resume "
-            "training. Load its weights with model.load_state_dict instead."
-        )
-    trainer.optimizer.load_state_dict(load_file(path / OPTIMIZER_NAME, map_location=trainer.device))
-    trainer.lr_scheduler.load_state_dict(load_file(path / SCHEDULER_NAME))
-    if trainer.scaler is not None and (path / SCALER_NAME).exists():
-        trainer.scaler.load_state_dict(load_file(path / SCALER_NAME))
-    rank, world = trainer.dist.rank, trainer.dist.world_size
-    rng_file = path / (f"rng_state_{rank}.pth" if world > 1 else "rng_state.pth")
-    if rng_file.exists():
-        set_rng_state(load_file(rng_file))
-    else:
-        logger.warning("%s is missing: RNG streams are not restored, so the run will not be bit-identical.", rng_file)
-    if not args.restore_callback_states_from_checkpoint:
-        return None
-    restore_callback_states(state.stateful_callbacks, trainer.callback_handler.callbacks, trainer.control)
-    return trainer.control

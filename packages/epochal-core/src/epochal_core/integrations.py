@@ -4,8 +4,9 @@ It does, once, what each integration would otherwise repeat: rank-zero gating,
 lazy SDK import with the install hint, lazy run creation, key rewriting
 (``train/``, ``eval/``, ``test/``), flattening nested hyperparameters, dropping
 non-scalar values (one warning per key), keeping the tracker's run id in the
-checkpoint so a resumed training continues the same run, and finishing the run
-on train end (``"finished"``) or on a crash (``"failed"``).
+checkpoint so a resumed training continues the same run, not sending again the
+steps that run already holds, and finishing the run on train end
+(``"finished"``) or on a crash (``"failed"``).
 
 A subclass sets :attr:`~IntegrationCallback.sdk` and implements :meth:`setup`,
 :meth:`log_metrics` and :meth:`finish`; it may implement :meth:`log_texts`,
@@ -16,19 +17,29 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .callback import TrainerCallback
-from .report_to import install_hint
+from .discovery import install_hint
 
 if TYPE_CHECKING:
     from .control import TrainerControl
     from .state import TrainerState
     from .training_args import TrainingArguments
 
-__all__ = ["IntegrationCallback", "flatten_params", "model_config", "rewrite_key", "rewrite_logs", "split_scalars"]
+__all__ = [
+    "IntegrationCallback",
+    "args_and_model_config",
+    "env_flag",
+    "flatten_params",
+    "model_config",
+    "rewrite_key",
+    "rewrite_logs",
+    "split_scalars",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,18 @@ logger = logging.getLogger(__name__)
 _CACHE_LIMIT = 1024
 #: Value types sent as they are (no conversion, no warning).
 _NUMBER_TYPES = frozenset({float, int, bool})
+#: What transformers' integrations accept as "true" in an environment variable (``ENV_VARS_TRUE_VALUES``).
+_TRUE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Read a boolean environment variable the way transformers' integrations do.
+
+    ``1``, ``on``, ``yes`` and ``true`` (any case) are true; any other set value is
+    false; an unset or empty variable gives ``default``.
+    """
+    value = os.environ.get(name, "").strip()
+    return value.upper() in _TRUE_VALUES if value else default
 
 
 def rewrite_key(key: str) -> str:
@@ -90,6 +113,15 @@ def model_config(model: Any) -> dict[str, Any] | None:
     return None
 
 
+def args_and_model_config(args: TrainingArguments, model: Any) -> dict[str, Any]:
+    """The flat parameter dict transformers' W&B and MLflow callbacks log: the model config, then the arguments.
+
+    ``{**model.config.to_dict(), **args.to_dict()}``: on a name both have, the
+    training argument wins, as in transformers.
+    """
+    return {**(model_config(model) or {}), **args.to_dict()}
+
+
 class IntegrationCallback(TrainerCallback):
     """Base class of tracker integrations.
 
@@ -114,9 +146,17 @@ class IntegrationCallback(TrainerCallback):
     rewrite_keys: ClassVar[bool] = True
     #: When the event being handled was emitted on the training thread (``time.time()``), or ``None``
     #: when it runs there now. epochal's reporter runs queued events up to
-    #: :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds later and sets this before each
+    #: :data:`~epochal_core.background.BATCH_INTERVAL` seconds later and sets this before each
     #: one, so a tracker that accepts a timestamp records when the log happened.
     event_time: float | None = None
+    #: Whether the run being set up continues a tracker run restored from a checkpoint
+    #: (:meth:`load_state_dict` restored :attr:`run_id` and training starts past step 0).
+    #: Set before :meth:`setup`, which reopens :attr:`run_id` when it is true.
+    resuming: bool = False
+    #: Logs at a ``global_step`` up to this one are not sent: the resumed tracker run holds
+    #: them. Set before :meth:`setup` (``-1``, or the checkpoint step on resume); a setup
+    #: that can ask the tracker for its last step may raise it.
+    skip_through_step: int = -1
 
     def __init__(self) -> None:
         self._initialized = False
@@ -127,6 +167,7 @@ class IntegrationCallback(TrainerCallback):
         self.run_id: str | None = None
         #: Highest ``global_step`` already sent to the tracker (restored on resume).
         self.last_logged_step: int = -1
+        self._restored = False  # load_state_dict() restored a run id: the next setup resumes it
 
     # -- configuration ---------------------------------------------------------
     @classmethod
@@ -179,7 +220,7 @@ class IntegrationCallback(TrainerCallback):
         """Write out what the integration buffered; epochal's reporter calls it after each batch of events.
 
         The reporter runs queued events in batches (at most
-        :data:`~epochal_core.reporting.BATCH_INTERVAL` seconds apart while events
+        :data:`~epochal_core.background.BATCH_INTERVAL` seconds apart while events
         arrive) and calls this after each batch, on its thread, and after each
         event it runs on the training thread. Buffering writes until then costs one
         system call per batch instead of one per log. Default: nothing.
@@ -209,7 +250,16 @@ class IntegrationCallback(TrainerCallback):
         if not self._initialized:
             # Marked first, so a setup that fails part-way still gets finish("failed").
             self._initialized = True
+            self._prepare_resume(state)
             self.setup(args, state, kwargs.get("model"), **{k: v for k, v in kwargs.items() if k != "model"})
+
+    def _prepare_resume(self, state: TrainerState) -> None:
+        # Once per restored state: a later setup of the same instance (predict after training) starts afresh.
+        self.resuming = bool(self.__dict__.get("_restored")) and state.global_step > 0
+        self._restored = False
+        # The resumed trainer restarts at the checkpoint step: what the tracker got up to it (and up to the
+        # last step the checkpoint saw logged) is already there; an appending tracker would record it twice.
+        self.skip_through_step = max(self.last_logged_step, state.global_step) if self.resuming else -1
 
     # -- events ----------------------------------------------------------------------
     def on_train_begin(
@@ -239,6 +289,8 @@ class IntegrationCallback(TrainerCallback):
             return
         if not self._initialized:
             self._ensure_setup(args, state, {k: v for k, v in kwargs.items() if k != "logs"})
+        if state.global_step <= self.skip_through_step:
+            return
         names = self.metric_names(logs)
         if names is not None:  # every training log
             self.log_values(names, logs.values(), state.global_step, state)
@@ -341,6 +393,7 @@ class IntegrationCallback(TrainerCallback):
         return {"run_id": self.run_id, "last_logged_step": self.last_logged_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output so :meth:`setup` can resume the same run."""
+        """Restore :meth:`state_dict`'s output so :meth:`setup` can resume the same run (see :attr:`resuming`)."""
         self.run_id = state.get("run_id")
         self.last_logged_step = int(state.get("last_logged_step", -1))
+        self._restored = self.run_id is not None

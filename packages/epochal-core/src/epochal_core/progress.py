@@ -43,62 +43,13 @@ def format_logs(logs: Mapping[str, Any], max_str_len: int = 100) -> dict[str, An
     return shown
 
 
-#: ``"'key': "`` for the keys printed so far (keys repeat from log to log).
-_KEY_PREFIXES: dict[str, str] = {}
-#: Per tuple of keys: the line as a %-template and the ``.4g`` format of its values (``None``: no fast path).
-_LINE_FORMATS: dict[tuple[str, ...], tuple[str, str] | None] = {}
-#: Bound of both caches: a run that invents keys must not grow them forever.
-_CACHE_LIMIT = 1024
-
-
-def _line_formats(keys: tuple[str, ...]) -> tuple[str, str] | None:
-    formats = None
-    if keys and "total_flos" not in keys:
-        template = "{" + ", ".join(repr(key).replace("%", "%%") + ": %s" for key in keys) + "}"
-        formats = (template, "\x00".join(["%.4g"] * len(keys)))
-    if len(_LINE_FORMATS) < _CACHE_LIMIT:
-        _LINE_FORMATS[keys] = formats
-    return formats
-
-
 def format_logs_line(logs: Mapping[str, Any], max_str_len: int = 100) -> str:
-    """``str(format_logs(logs, max_str_len))``, built directly (it runs for every printed log).
+    """The line printed for ``logs``: ``str(format_logs(logs, max_str_len))``.
 
-    A log of floats only (every training log) is formatted by two C-level ``%``
-    operations on templates cached per set of keys.
+    (A cache of %-templates per set of keys made this 4.6 us faster per log; at
+    ``logging_steps=10`` of a tiny model's 0.5 ms steps that is 0.1 %: not worth its lines.)
     """
-    keys = tuple(logs)
-    formats = _LINE_FORMATS[keys] if keys in _LINE_FORMATS else _line_formats(keys)
-    if formats is not None:
-        values = tuple(logs.values())
-        for value in values:
-            if type(value) is not float:
-                break
-        else:
-            template, value_format = formats
-            texts = value_format % values
-            # Without an exponent, nan or inf, repr(float(text)) is the .4g text itself, with ".0"
-            # added when it has no "." (1 -> 1.0); the loop below handles the rest (1e+04 -> 10000.0).
-            if "e" not in texts and "n" not in texts:
-                parts = texts.split("\x00")
-                if texts.count(".") != len(parts):  # a text has at most one "."
-                    parts = [part if "." in part else part + ".0" for part in parts]
-                return template % tuple(parts)
-    items = []
-    for key, value in logs.items():
-        if type(value) is float and key != "total_flos":
-            text = f"{value:.4g}"
-            if "." not in text or "e" in text:
-                text = repr(float(text))
-            prefix = _KEY_PREFIXES.get(key)
-            if prefix is None:
-                prefix = f"{key!r}: "
-                if len(_KEY_PREFIXES) < _CACHE_LIMIT:
-                    _KEY_PREFIXES[key] = prefix
-            items.append(prefix + text)
-        elif key != "total_flos":
-            items.append(f"{key!r}: {format_logs({key: value}, max_str_len)[key]!r}")
-    return "{" + ", ".join(items) + "}"
+    return str(format_logs(logs, max_str_len))
 
 
 class _HeldLines:

@@ -8,23 +8,38 @@ read back what their SDK wrote and compare it with ``run.state.log_history``.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .background import IntegrationFailure, Reporter
 from .callback import TrainerCallback
-from .checkpoint import atomic_checkpoint, collect_callback_states
+from .callback_states import collect_callback_states
+from .checkpoint import atomic_checkpoint
 from .control import TrainerControl
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
-from .reporting import IntegrationFailure, Reporter
 from .state import TrainerState
 from .training_args import TrainingArguments
+from .training_checkpoint import TRAINER_STATE_NAME, WEIGHTS_NAME
 
-__all__ = ["CrashAt", "ScriptedFailure", "ScriptedRun", "TinyRegressor", "scripted_run", "tiny_dataset", "tiny_model"]
+__all__ = [
+    "CrashAt",
+    "DropoutRegressor",
+    "ScriptedFailure",
+    "ScriptedRun",
+    "TinyRegressor",
+    "WaitAt",
+    "scripted_run",
+    "tiny_dataset",
+    "tiny_model",
+]
 
 
 class ScriptedFailure(RuntimeError):
@@ -66,6 +81,54 @@ class TinyRegressor(torch.nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the mean squared error of the prediction."""
         return torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), y)
+
+
+class DropoutRegressor(TinyRegressor):
+    """:class:`TinyRegressor` with dropout on its input: every step draws from torch's global generator.
+
+    Its trained weights therefore change if anything reseeds or draws from that
+    generator during training (an SDK's ``torch.manual_seed``), which is what
+    tests of "the integration does not change the training" need to detect.
+    """
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the mean squared error of the prediction from the input with half its features dropped."""
+        return super().forward(torch.nn.functional.dropout(x, 0.5, self.training), y)
+
+
+class WaitAt(TrainerCallback):
+    """At the end of step ``step``, waits until ``ready()`` is true, then optionally signals its own process.
+
+    Integrations start their tracker run on their reporter thread, a moment after
+    training began. Waiting for it makes sure the SDK's start happens *during*
+    training, so a test sees what it does to the running training (reseeding,
+    signal handlers); ``send`` then delivers a real signal (``signal.SIGTERM``)
+    while the SDK is live.
+
+    Args:
+        step: The global step to wait at.
+        ready: Returns true once the integration is up (polled every 10 ms).
+        send: Signal to send to this process after ``ready()``, if any.
+        timeout: Seconds to wait before raising ``TimeoutError``.
+    """
+
+    def __init__(self, step: int, ready: Callable[[], bool], send: int | None = None, timeout: float = 120.0) -> None:
+        self.step = step
+        self.ready = ready
+        self.send = send
+        self.timeout = timeout
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Wait for ``ready()`` at ``step``, then send ``send``."""
+        if state.global_step != self.step:
+            return
+        deadline = time.monotonic() + self.timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"WaitAt: not ready after {self.timeout} s at step {self.step}")
+            time.sleep(0.01)
+        if self.send is not None:
+            os.kill(os.getpid(), signal.Signals(self.send))
 
 
 def tiny_dataset(n: int = 32, seed: int = 0) -> torch.utils.data.TensorDataset:
@@ -157,93 +220,117 @@ def scripted_run(
             eval_steps=eval_steps, save_steps=save_steps, report_to="none", run_name="scripted-run",
             disable_tqdm=True,
         )
-    model = model if model is not None else tiny_model()
     failures: list[IntegrationFailure] = []
     target: Any = Reporter(callback, getattr(callback, "name", "callback"), strict=strict, failures=failures) \
         if through_reporter else None
-    handler = CallbackHandler([DefaultFlowCallback()], model=model)
+    handler = CallbackHandler([DefaultFlowCallback()], model=model if model is not None else tiny_model())
     handler.add_callback(callback, target=target)
     run = ScriptedRun(state or TrainerState(), failures=failures)
-    st = run.state
-    st.max_steps = max_steps
-    st.num_train_epochs = -(-max_steps // steps_per_epoch)
-    st.compute_steps(args, max_steps)
-    control = TrainerControl()
-
-    class _Recorder(TrainerCallback):
-        order = 1000  # after everything, like the progress bar
-
-    for event in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
-                  "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate",
-                  "on_prediction_step", "on_save", "on_epoch_end", "on_train_end", "on_exception"):
-        setattr(_Recorder, event, lambda self, a, s, c, _e=event, **kw: run.events.append(_e))
-    handler.add_callback(_Recorder())
-
-    def log(logs: dict[str, Any]) -> None:
-        nonlocal control
-        logs["epoch"] = st.epoch
-        st.log_history.append({**logs, "step": st.global_step})
-        control = handler.on_log(args, st, control, logs)
-
-    def evaluate() -> None:
-        nonlocal control
-        for _ in range(2):
-            control = handler.on_prediction_step(args, st, control)
-        metrics = {
-            "eval_loss": _loss(st.global_step) + 0.1, "eval_accuracy": min(1.0, 0.5 + st.global_step / 40),
-            "eval_runtime": 0.5, "eval_samples_per_second": 64.0, "eval_steps_per_second": 4.0,
-        }
-        log(dict(metrics))
-        control = handler.on_evaluate(args, st, control, metrics)
-
-    def save() -> None:
-        # A committed checkpoint like the Trainer's (manifest, callback states), so
-        # ``latest_checkpoint`` finds it and a resumed scripted run can load its state.
-        nonlocal control
-        if isinstance(target, Reporter):
-            target.drain()
-        st.stateful_callbacks = collect_callback_states(handler.callbacks, control)
-        with atomic_checkpoint(out, st.global_step) as tmp:
-            (tmp / "pytorch_model.bin").write_bytes(b"weights")
-            st.save_to_json(str(tmp / "trainer_state.json"))
-        folder = out / f"checkpoint-{st.global_step}"
-        run.checkpoints.append(str(folder))
-        control = handler.on_save(args, st, control, checkpoint=folder)
-
+    handler.add_callback(_EventRecorder(run.events))
+    script = _Script(args, handler, run, out, target, max_steps, steps_per_epoch, extra_logs or {})
     try:
-        control = handler.on_init_end(args, st, control)
-        control = handler.on_train_begin(args, st, control)
-        st.global_step = start_step
-        while st.global_step < max_steps and not control.should_training_stop:
-            control = handler.on_epoch_begin(args, st, control)
-            for _ in range(steps_per_epoch):
-                if st.global_step >= max_steps:
-                    break
-                control = handler.on_step_begin(args, st, control)
-                control = handler.on_pre_optimizer_step(args, st, control)
-                control = handler.on_optimizer_step(args, st, control)
-                st.global_step += 1
-                st.epoch = st.global_step / steps_per_epoch
-                control = handler.on_step_end(args, st, control)
-                if fail_at_step is not None and st.global_step == fail_at_step:
-                    raise ScriptedFailure(f"scripted failure at step {fail_at_step}")
-                if control.should_log:
-                    lr = 1e-3 * (1 - st.global_step / max_steps)
-                    log({"loss": _loss(st.global_step), "grad_norm": 0.5, "learning_rate": lr, **(extra_logs or {})})
-                if control.should_evaluate:
-                    evaluate()
-                if control.should_save:
-                    save()
-                if control.should_training_stop:
-                    break
-            control = handler.on_epoch_end(args, st, control)
-        log({"train_runtime": 1.5, "train_samples_per_second": 100.0, "train_steps_per_second": 6.0,
-             "total_flos": 0.0, "train_loss": 0.7})
-        control = handler.on_train_end(args, st, control)
-    except ScriptedFailure as err:
-        handler.on_exception(args, st, control, exception=err)
-        raise
+        script.play(start_step, fail_at_step)
     finally:
         if isinstance(target, Reporter):
             target.close()
     return run
+
+
+class _EventRecorder(TrainerCallback):
+    """Appends the name of every event it receives, after every other callback (like the progress bar)."""
+
+    order = 1000
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+
+for _event in ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
+               "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate",
+               "on_prediction_step", "on_save", "on_epoch_end", "on_train_end", "on_exception"):
+    setattr(_EventRecorder, _event, lambda self, a, s, c, _e=_event, **kw: self.events.append(_e))
+
+
+class _Script:
+    """The Trainer's sequence of events and flag handling, without a model or data."""
+
+    def __init__(self, args: TrainingArguments, handler: CallbackHandler, run: ScriptedRun, out: Path,
+                 target: Any, max_steps: int, steps_per_epoch: int, extra_logs: dict[str, Any]) -> None:
+        self.args, self.handler, self.run, self.out, self.target = args, handler, run, out, target
+        self.max_steps, self.steps_per_epoch, self.extra_logs = max_steps, steps_per_epoch, extra_logs
+        self.state = run.state
+        self.state.max_steps = max_steps
+        self.state.num_train_epochs = -(-max_steps // steps_per_epoch)
+        self.state.compute_steps(args, max_steps)
+        self.control = TrainerControl()
+
+    def play(self, start_step: int, fail_at_step: int | None) -> None:
+        args, st, handler = self.args, self.state, self.handler
+        try:
+            self.control = handler.on_init_end(args, st, self.control)
+            self.control = handler.on_train_begin(args, st, self.control)
+            st.global_step = start_step
+            while st.global_step < self.max_steps and not self.control.should_training_stop:
+                self.control = handler.on_epoch_begin(args, st, self.control)
+                for _ in range(self.steps_per_epoch):
+                    if st.global_step >= self.max_steps:
+                        break
+                    self.step(fail_at_step)
+                    if self.control.should_training_stop:
+                        break
+                self.control = handler.on_epoch_end(args, st, self.control)
+            self.log({"train_runtime": 1.5, "train_samples_per_second": 100.0, "train_steps_per_second": 6.0,
+                      "total_flos": 0.0, "train_loss": 0.7})
+            self.control = handler.on_train_end(args, st, self.control)
+        except ScriptedFailure as err:
+            handler.on_exception(args, st, self.control, exception=err)
+            raise
+
+    def step(self, fail_at_step: int | None) -> None:
+        args, st, handler = self.args, self.state, self.handler
+        self.control = handler.on_step_begin(args, st, self.control)
+        self.control = handler.on_pre_optimizer_step(args, st, self.control)
+        self.control = handler.on_optimizer_step(args, st, self.control)
+        st.global_step += 1
+        st.epoch = st.global_step / self.steps_per_epoch
+        self.control = handler.on_step_end(args, st, self.control)
+        if fail_at_step is not None and st.global_step == fail_at_step:
+            raise ScriptedFailure(f"scripted failure at step {fail_at_step}")
+        if self.control.should_log:
+            lr = 1e-3 * (1 - st.global_step / self.max_steps)
+            self.log({"loss": _loss(st.global_step), "grad_norm": 0.5, "learning_rate": lr, **self.extra_logs})
+        if self.control.should_evaluate:
+            self.evaluate()
+        if self.control.should_save:
+            self.save()
+
+    def log(self, logs: dict[str, Any]) -> None:
+        st = self.state
+        logs["epoch"] = st.epoch
+        st.log_history.append({**logs, "step": st.global_step})
+        self.control = self.handler.on_log(self.args, st, self.control, logs)
+
+    def evaluate(self) -> None:
+        st = self.state
+        for _ in range(2):
+            self.control = self.handler.on_prediction_step(self.args, st, self.control)
+        metrics = {
+            "eval_loss": _loss(st.global_step) + 0.1, "eval_accuracy": min(1.0, 0.5 + st.global_step / 40),
+            "eval_runtime": 0.5, "eval_samples_per_second": 64.0, "eval_steps_per_second": 4.0,
+        }
+        self.log(dict(metrics))
+        self.control = self.handler.on_evaluate(self.args, st, self.control, metrics)
+
+    def save(self) -> None:
+        # A committed checkpoint like the Trainer's (manifest, callback states), so
+        # ``latest_checkpoint`` finds it and a resumed scripted run can load its state.
+        st = self.state
+        if isinstance(self.target, Reporter):
+            self.target.drain()
+        st.stateful_callbacks = collect_callback_states(self.handler.callbacks, self.control)
+        with atomic_checkpoint(self.out, st.global_step) as tmp:
+            (tmp / WEIGHTS_NAME).write_bytes(b"weights")
+            st.save_to_json(str(tmp / TRAINER_STATE_NAME))
+        folder = self.out / f"checkpoint-{st.global_step}"
+        self.run.checkpoints.append(str(folder))
+        self.control = self.handler.on_save(self.args, st, self.control, checkpoint=folder)

@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,26 +28,34 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
+from .background import IntegrationFailure, Reporter
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
+from .discovery import resolve_report_to
 from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
 from .log_history import LogHistoryStore
+from .loss_tracking import LossTracker
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
-from .report_to import resolve_report_to
-from .reporting import IntegrationFailure, Reporter
 from .schedules import get_scheduler
 from .state import TrainerState
 from .training_args import TrainingArguments
+from .training_checkpoint import (
+    TRAINER_STATE_NAME,
+    WEIGHTS_NAME,
+    TrainingSnapshot,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from .training_plan import TrainingPlan, plan_training
 
 __all__ = ["EvalPrediction", "PredictionOutput", "TrainOutput", "Trainer", "set_seed"]
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "pytorch_model.bin"
 # The flags callbacks may set differently per rank; synchronised at step boundaries under DDP.
 _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
 
@@ -154,6 +163,43 @@ def _detach_cpu(value: Any) -> Any:
     return value
 
 
+def _checked_arguments(model: Any, args: Any, eval_dataset: Any) -> tuple[nn.Module, TrainingArguments]:
+    """The model and ``args`` (or the defaults), after checking the Trainer's arguments fit together."""
+    if args is None:
+        args = TrainingArguments(output_dir="trainer_output")
+        logger.info("No `TrainingArguments` passed, using `output_dir=%s`.", args.output_dir)
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}.")
+    if model is None or not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if args.eval_strategy != "no" and eval_dataset is None:
+        raise ValueError(
+            f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset: "
+            "pass eval_dataset=... to the Trainer, or set eval_strategy='no'."
+        )
+    return model, args
+
+
+@dataclass
+class _Run:
+    """What one ``train()`` call carries from one phase to the next."""
+
+    plan: TrainingPlan
+    loader: Iterable[Any]
+    model: nn.Module  # wrapped (DDP) when distributed
+    params: list[torch.Tensor]
+    losses: LossTracker
+    guard: str  # see Trainer._guard_mode
+    start_time: float = 0.0
+    start_step: int = 0
+    last_logged: int = 0
+    last_saved: int = -1
+    micro_batches: int = 1
+    update_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    grad_norm: torch.Tensor | None = None
+    learning_rate: float = 0.0
+
+
 class Trainer:
     """Trains, evaluates and checkpoints a PyTorch model, emitting transformers' callback events.
 
@@ -192,24 +238,13 @@ class Trainer:
         compute_loss_func: Callable[..., torch.Tensor] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
-        if args is None:
-            args = TrainingArguments(output_dir="trainer_output")
-            logger.info("No `TrainingArguments` passed, using `output_dir=%s`.", args.output_dir)
-        if not isinstance(args, TrainingArguments):
-            raise TypeError(f"args must be a TrainingArguments, got {type(args).__name__}.")
-        if model is None or not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model, args = _checked_arguments(model, args, eval_dataset)
         self.args = args
         self.dist = dist_info()
         self.device = self._select_device()
         self._check_precision()
         self.is_distributed = ensure_process_group(args.ddp_backend, args.ddp_timeout, self.device)
         set_seed(args.seed)
-        if args.eval_strategy != "no" and eval_dataset is None:
-            raise ValueError(
-                f"TrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset: "
-                "pass eval_dataset=... to the Trainer, or set eval_strategy='no'."
-            )
         optimizer, lr_scheduler = optimizers
         self.model = model.to(self.device)
         self.model_wrapped: nn.Module = self.model
@@ -232,20 +267,12 @@ class Trainer:
         self.callback_handler = CallbackHandler(
             [DefaultFlowCallback()], self.model, processing_class, optimizer, lr_scheduler
         )
-        for name, integration in self._build_integrations():
-            self.add_callback(integration, _name=name)
-        for cb in callbacks or []:
-            self.add_callback(cb)
-        self.callback_handler.add_callback(PrinterCallback() if args.disable_tqdm else ProgressCallback())
+        self._add_default_callbacks(callbacks or [])
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
         self.control = TrainerControl()
-        self._to_host_calls = 0
-        # Sums kept on the host when the guard reads the values anyway (see _inner_training_loop).
-        self._host_loss: float | None = None
-        self._host_skipped = 0
-        self._host_norm: float | None = None
+        self._log_store = LogHistoryStore()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # -- setup ---------------------------------------------------------------------
@@ -266,6 +293,14 @@ class Trainer:
             raise ValueError(
                 "TrainingArguments.bf16=True is invalid: this GPU does not support bfloat16. Use fp16=True instead."
             )
+
+    def _add_default_callbacks(self, callbacks: list[Any]) -> None:
+        """Add the integrations, the user's callbacks, then the console (after the flow: transformers' order)."""
+        for name, integration in self._build_integrations():
+            self.add_callback(integration, _name=name)
+        for cb in callbacks:
+            self.add_callback(cb)
+        self.callback_handler.add_callback(PrinterCallback() if self.args.disable_tqdm else ProgressCallback())
 
     def _build_integrations(self) -> list[tuple[str, Any]]:
         built = []
@@ -365,6 +400,10 @@ class Trainer:
                 {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             ]
+            if args.weight_decay == 0:
+                # Nothing is decayed: one group does the same update with one pass of the optimizer's
+                # per-group work instead of two (transformers keeps two).
+                groups = [{"params": params, "weight_decay": 0.0}]
             groups = [g for g in groups if g["params"]]
             self.optimizer = torch.optim.AdamW(
                 groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
@@ -468,16 +507,20 @@ class Trainer:
         return loss.detach()  # type: ignore
 
     def _to_host(self, tensor: torch.Tensor) -> list[float]:
-        # The only place training reads values from the device; counted so tests
-        # can prove it happens once per log, never per step.
-        self._to_host_calls += 1
         return tensor.detach().float().reshape(-1).tolist()
 
-    def _scalars_to_host(self, scalars: list[torch.Tensor]) -> list[float]:
-        """Read 0-d tensors in one transfer (one read: stacked on an accelerator, ``item()`` on the CPU)."""
+    def _read_scalars(self, scalars: list[torch.Tensor]) -> list[float]:
+        """Read 0-d tensors in one transfer; under torch.distributed, their mean over ranks.
+
+        (The loss differs per rank; a skip count or a gradient norm is the same on every rank.)
+        """
+        if self.is_distributed:
+            stacked = torch.stack([t.detach().float().reshape(()) for t in scalars])
+            all_reduce_(stacked)
+            stacked /= self.dist.world_size
+            return self._to_host(stacked)
         if self.device.type == "cpu":
             # Reading a CPU scalar is a memory load; stacking would cost more than it saves.
-            self._to_host_calls += 1
             return [t.item() for t in scalars]
         return self._to_host(torch.stack([t.detach().float().reshape(()) for t in scalars]))
 
@@ -514,6 +557,9 @@ class Trainer:
 
         Returns:
             ``TrainOutput(global_step, training_loss, metrics)``.
+
+        Raises:
+            CheckpointChanged: A file of the checkpoint to resume changed after it was saved.
         """
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         set_seed(self.args.seed)
@@ -553,234 +599,226 @@ class Trainer:
         )
 
     def _inner_training_loop(self, checkpoint: Path | None) -> TrainOutput:
-        args = self.args
-        ga = args.gradient_accumulation_steps
-        train_dataloader = self.get_train_dataloader()
-        len_dl = len(train_dataloader) if has_length(train_dataloader) else None  # type: ignore[arg-type]
-        if len_dl is not None:
-            if len_dl == 0:
-                raise ValueError(
-                    "train_dataset yields no batch: it is empty, or smaller than per_device_train_batch_size="
-                    f"{args.per_device_train_batch_size} with dataloader_drop_last=True."
-                )
-            updates_per_epoch = max(len_dl // ga + int(len_dl % ga > 0), 1)
-            if args.max_steps > 0:
-                max_steps = args.max_steps
-                num_train_epochs = max_steps // updates_per_epoch + int(max_steps % updates_per_epoch > 0)
-            else:
-                max_steps = math.ceil(args.num_train_epochs * updates_per_epoch)
-                num_train_epochs = math.ceil(args.num_train_epochs)
-            steps_in_epoch = len_dl
-        elif args.max_steps > 0:
-            max_steps = args.max_steps
-            num_train_epochs = sys.maxsize
-            updates_per_epoch = max_steps
-            steps_in_epoch = max_steps * ga
-        else:
-            raise ValueError(
-                f"TrainingArguments.max_steps={args.max_steps} is invalid: the train_dataset has no length, "
-                "so set max_steps > 0."
-            )
+        run = self._plan_run()
+        if checkpoint is not None and not self._resume(run, checkpoint):
+            return TrainOutput(self.state.global_step, 0.0, {})
+        first_epoch, skip = run.plan.resume_position(self.state.global_step, self.args.ignore_data_skip)
+        self._begin_training(run)
+        for epoch in range(first_epoch, run.plan.num_train_epochs):
+            self._train_epoch(run, epoch, skip if epoch == first_epoch else 0)
+            if self.control.should_training_stop:
+                break
+        return self._finish_training(run)
 
+    # -- the phases of a run ---------------------------------------------------------------
+    def _plan_run(self) -> _Run:
+        """Plan the run, build fresh state, optimizer, schedule and scaler, and wrap the model."""
+        args = self.args
+        loader = self.get_train_dataloader()
+        plan = plan_training(args, len(loader) if has_length(loader) else None)  # type: ignore[arg-type]
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )
         self._log_store = LogHistoryStore()
         self.state.train_batch_size = args.per_device_train_batch_size
-        self.state.compute_steps(args, max_steps)
-        self.create_optimizer_and_scheduler(max_steps)
+        self.state.compute_steps(args, plan.max_steps)
+        self.create_optimizer_and_scheduler(plan.max_steps)
         if args.fp16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
-        model = self.model_wrapped = self._wrap_model()
+        self.model_wrapped = self._wrap_model()
+        guard = self._guard_mode()
+        # On the CPU the guard reads the loss and the gradient norm at every update anyway (a memory
+        # load), so they are summed as Python floats: no tensor op per update, none at a log.
+        on_host = guard == "read" and self.device.type == "cpu" and not self.is_distributed
+        return _Run(
+            plan, loader, self.model_wrapped, [p for p in self.model.parameters() if p.requires_grad],
+            LossTracker(self.device, on_host=on_host), guard,
+        )
 
-        if checkpoint is not None:
-            restored_control = ckpt.load_training_checkpoint(self, checkpoint)
-            if (
-                restored_control is not None
-                and restored_control.should_training_stop
-                and self.state.global_step < self.state.max_steps
-            ):
-                logger.warning(
-                    "The checkpoint %s was saved by a run a callback stopped early at step %d; it stays stopped. "
-                    "Train from scratch, or resume with restore_callback_states_from_checkpoint=False to continue.",
-                    checkpoint, self.state.global_step,
-                )
-                return TrainOutput(self.state.global_step, 0.0, {})
-        self.state.compute_steps(args, max_steps)
-        epochs_trained = self.state.global_step // updates_per_epoch
-        steps_to_skip = 0 if args.ignore_data_skip else (self.state.global_step % updates_per_epoch) * ga
+    def _guard_mode(self) -> str:
+        """How the non-finite guard checks an update: ``off``, ``on_device`` (no sync) or ``read``."""
+        # With fp16 the GradScaler owns overflow: it skips the step and lowers the scale
+        # (early steps overflow by design), so the guard stays out of its way.
+        if self.args.nonfinite_policy == "off" or self.scaler is not None:
+            return "off"
+        # Fused AdamW skips its update on the device when found_inf is set: no host sync.
+        fused = getattr(self.optimizer, "defaults", {}).get("fused", False)
+        if self.args.nonfinite_policy == "skip" and self.device.type == "cuda" and fused:
+            return "on_device"
+        return "read"
 
+    def _snapshot(self) -> TrainingSnapshot:
+        """The objects a training checkpoint saves and restores."""
+        return TrainingSnapshot(
+            self.args, self.state, self.control, self.model, self.optimizer,  # type: ignore[arg-type]
+            self.lr_scheduler, self.scaler, self.callback_handler.callbacks, self._log_store,
+            rank=self.dist.rank, world_size=self.dist.world_size, device=self.device,
+        )
+
+    def _resume(self, run: _Run, checkpoint: Path) -> bool:
+        """Restore ``checkpoint``; return ``False`` when it belongs to a run a callback stopped."""
+        self.state, restored_control = load_training_checkpoint(self._snapshot(), checkpoint)
+        self.state.compute_steps(self.args, run.plan.max_steps)
+        run.last_saved = self.state.global_step
+        if restored_control is not None and restored_control.should_training_stop and (
+            self.state.global_step < self.state.max_steps
+        ):
+            logger.warning(
+                "The checkpoint %s was saved by a run a callback stopped early at step %d; it stays stopped. "
+                "Train from scratch, or resume with restore_callback_states_from_checkpoint=False to continue.",
+                checkpoint, self.state.global_step,
+            )
+            return False
+        return True
+
+    def _begin_training(self, run: _Run) -> None:
         handler = self.callback_handler
         handler.model = self.model
         handler.optimizer = self.optimizer
         handler.lr_scheduler = self.lr_scheduler
-        handler.train_dataloader = train_dataloader
-        self.state.init_training_references(self, max_steps, num_train_epochs)
-
-        start_time = time.perf_counter()
-        start_step = self.state.global_step
-        self._tr_loss = torch.zeros((), device=self.device)
-        self._skipped = torch.zeros((), device=self.device)
-        self._total_loss_scalar = 0.0
-        self._globalstep_last_logged = self.state.global_step
-        self._last_saved_step = self.state.global_step if checkpoint is not None else -1
-        grad_norm: torch.Tensor | None = None
-        learning_rate = 0.0
-        model.train()
-        model.zero_grad(set_to_none=True)
-        self.control = handler.on_train_begin(args, self.state, self.control)
-        if args.eval_on_start:
+        handler.train_dataloader = run.loader
+        self.state.init_training_references(self, run.plan.max_steps, run.plan.num_train_epochs)
+        run.start_time = time.perf_counter()
+        run.start_step = run.last_logged = self.state.global_step
+        run.model.train()
+        run.model.zero_grad(set_to_none=True)
+        self.control = handler.on_train_begin(self.args, self.state, self.control)
+        if self.args.eval_on_start:
             self.evaluate()
 
-        sampler = getattr(train_dataloader, "batch_sampler", None)
-        policy = args.nonfinite_policy
-        sync_free_guard = policy == "skip" and self.device.type == "cuda" and getattr(
-            self.optimizer, "defaults", {}
-        ).get("fused", False)
-        clip = args.max_grad_norm > 0
-        # On the CPU the guard reads the loss and the gradient norm at every update anyway (a memory
-        # load), so they are summed as Python floats: no tensor op per update, none at a log.
-        self._host_loss = 0.0 if (
-            policy != "off" and not sync_free_guard and self.scaler is None
-            and self.device.type == "cpu" and not self.is_distributed
-        ) else None
-        self._host_skipped = 0
-        self._host_norm = None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for epoch in range(epochs_trained, num_train_epochs):
-            skip = steps_to_skip if epoch == epochs_trained else 0
-            if isinstance(sampler, EpochBatchSampler):
-                sampler.set_epoch(epoch, skip)
-            elif skip:
-                logger.warning("Resuming inside an epoch of an iterable dataset: the skipped batches are re-read.")
-            self.control = handler.on_epoch_begin(args, self.state, self.control)
-            iterator = iter(train_dataloader)
-            if skip and not isinstance(sampler, EpochBatchSampler):
-                for _ in range(skip):
-                    next(iterator, None)
-            step = skip - 1
-            update_loss = self._tr_loss.new_zeros(())
-            num_micro = ga
-            for inputs in iterator:
-                step += 1
-                first_micro = step % ga == 0
-                if first_micro:
-                    self.control = handler.on_step_begin(args, self.state, self.control)
-                    num_micro = min(ga, steps_in_epoch - step) if len_dl is not None else ga
-                is_update = (step + 1) % ga == 0 or step + 1 == steps_in_epoch
-                if self.is_distributed and not is_update:
-                    with model.no_sync():  # type: ignore[operator]
-                        micro_loss = self.training_step(model, inputs, num_micro)
-                else:
-                    micro_loss = self.training_step(model, inputs, num_micro)
-                # The first micro-batch's loss starts the sum: no zeroing op per update.
-                update_loss = micro_loss if first_micro else update_loss + micro_loss
-                if not is_update:
-                    self.control = handler.on_substep_end(args, self.state, self.control)
-                else:
-                    if self.scaler is not None:
-                        self.scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
-                    if clip:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    skip_update = False
-                    # With fp16 the GradScaler owns overflow: it skips the step and lowers the
-                    # scale (early steps overflow by design), so the guard stays out of its way.
-                    if policy != "off" and self.scaler is None:
-                        # Under DDP the all-reduced gradients are the same on every rank, a rank's
-                        # own loss is not: deciding on them keeps the replicas identical.
-                        checked = (
-                            [grad_norm if grad_norm is not None else _grad_norm(params)]
-                            if self.is_distributed
-                            else [update_loss] if grad_norm is None else [update_loss, grad_norm]
-                        )
-                        if sync_free_guard:
-                            # Fused AdamW skips the update on the device when found_inf is set:
-                            # no host sync; the skip is counted and reported at the next log.
-                            bad = ~torch.isfinite(torch.stack(checked)).all()
-                            self.optimizer.found_inf = bad.float()  # type: ignore[union-attr]
-                            self._skipped += bad
-                            update_loss = torch.where(bad, torch.zeros_like(update_loss), update_loss)
-                        else:
-                            # Reading scalars costs less than a chain of tiny tensor ops on the CPU.
-                            values = [value.item() for value in checked]
-                            if self._host_loss is not None:
-                                self._host_norm = values[1] if grad_norm is not None else None
-                            if not all(map(math.isfinite, values)):
-                                skip_update = True
-                                if self._host_loss is None:
-                                    self._skipped += 1
-                                else:
-                                    self._host_skipped += 1
-                                self._on_nonfinite(update_loss, grad_norm)
-                            elif self._host_loss is not None:
-                                self._host_loss += values[0]
-                    self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
-                    if not skip_update:
-                        if self.scaler is not None:
-                            self.scaler.step(self.optimizer)  # type: ignore[arg-type]
-                            self.scaler.update()
-                        else:
-                            self.optimizer.step()  # type: ignore[union-attr]
-                        if self._host_loss is None:
-                            self._tr_loss += update_loss
-                    self.control = handler.on_optimizer_step(args, self.state, self.control)
-                    learning_rate = self.lr_scheduler.get_last_lr()[0]
-                    self.lr_scheduler.step()
-                    model.zero_grad(set_to_none=True)
-                    self.state.global_step += 1
-                    self.state.epoch = epoch + (step + 1) / steps_in_epoch
-                    self.control = handler.on_step_end(args, self.state, self.control)
-                    if self._sync_control(preemption=True):
-                        # Save as an ordinary checkpoint (not a "stopped" one), then stop.
-                        self.preempted = True
-                        self.control.should_save = True
-                    self._maybe_log_save_evaluate(grad_norm, learning_rate)
-                    if self.preempted:
-                        self.control.should_training_stop = True
-                if (self.control.should_epoch_stop or self.control.should_training_stop) and (
-                    is_update or not self.is_distributed
-                ):
-                    # Under DDP a flag raised mid-accumulation waits for the step boundary's sync.
-                    break
-            if step < skip:
-                logger.warning("The training dataloader yielded no batch in epoch %d; stopping.", epoch)
-                self.control.should_training_stop = True
-            self.control = handler.on_epoch_end(args, self.state, self.control)
-            self._sync_control()
-            self._maybe_log_save_evaluate(grad_norm, learning_rate)
-            if self.control.should_training_stop:
-                break
+    def _epoch_batches(self, run: _Run, epoch: int, skip: int) -> Iterable[Any]:
+        """The batches of ``epoch`` after the first ``skip`` (already trained before a resume)."""
+        sampler = getattr(run.loader, "batch_sampler", None)
+        if isinstance(sampler, EpochBatchSampler):
+            sampler.set_epoch(epoch, skip)
+            return iter(run.loader)
+        iterator = iter(run.loader)
+        if skip:
+            logger.warning("Resuming inside an epoch of an iterable dataset: the skipped batches are re-read.")
+            for _ in range(skip):
+                next(iterator, None)
+        return iterator
 
+    def _train_epoch(self, run: _Run, epoch: int, skip: int) -> None:
+        handler = self.callback_handler
+        self.control = handler.on_epoch_begin(self.args, self.state, self.control)
+        step = skip - 1
+        for inputs in self._epoch_batches(run, epoch, skip):
+            step += 1
+            is_update = self._train_batch(run, inputs, step)
+            if is_update:
+                self._end_update(run, epoch + (step + 1) / run.plan.batches_per_epoch)
+            # Under DDP a flag raised mid-accumulation waits for the step boundary's sync.
+            if (self.control.should_epoch_stop or self.control.should_training_stop) and (
+                is_update or not self.is_distributed
+            ):
+                break
+        if step < skip:
+            logger.warning("The training dataloader yielded no batch in epoch %d; stopping.", epoch)
+            self.control.should_training_stop = True
+        self.control = handler.on_epoch_end(self.args, self.state, self.control)
+        self._sync_control()
+        self._maybe_log_save_evaluate(run)
+
+    def _train_batch(self, run: _Run, inputs: Any, step: int) -> bool:
+        """Forward and backward micro-batch ``step`` of the epoch; return whether an update is due."""
+        plan = run.plan
+        first = step % plan.accumulation == 0
+        if first:
+            self.control = self.callback_handler.on_step_begin(self.args, self.state, self.control)
+            run.micro_batches = (
+                min(plan.accumulation, plan.batches_per_epoch - step) if plan.sized else plan.accumulation
+            )
+        is_update = (step + 1) % plan.accumulation == 0 or step + 1 == plan.batches_per_epoch
+        if self.is_distributed and not is_update:
+            with run.model.no_sync():  # type: ignore[operator]
+                loss = self.training_step(run.model, inputs, run.micro_batches)
+        else:
+            loss = self.training_step(run.model, inputs, run.micro_batches)
+        # The first micro-batch's loss starts the sum: no zeroing op per update.
+        run.update_loss = loss if first else run.update_loss + loss
+        if not is_update:
+            self.control = self.callback_handler.on_substep_end(self.args, self.state, self.control)
+        return is_update
+
+    def _end_update(self, run: _Run, epoch: float) -> None:
+        """Clip, check, step the optimizer and the schedule, then emit the step's events, logs and saves."""
+        args, handler = self.args, self.callback_handler
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # type: ignore[arg-type]
+        if args.max_grad_norm > 0:
+            run.grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+        skip = self._check_update(run)
+        self.control = handler.on_pre_optimizer_step(args, self.state, self.control)
+        if not skip:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # type: ignore[arg-type]
+                self.scaler.update()
+            else:
+                self.optimizer.step()  # type: ignore[union-attr]
+        self.control = handler.on_optimizer_step(args, self.state, self.control)
+        run.learning_rate = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        # What model.zero_grad(set_to_none=True) does, without walking the module tree every update.
+        for param in run.params:
+            param.grad = None
+        self.state.global_step += 1
+        self.state.epoch = epoch
+        self.control = handler.on_step_end(args, self.state, self.control)
+        if self._sync_control(preemption=True):
+            # Save as an ordinary checkpoint (not a "stopped" one), then stop.
+            self.preempted = True
+            self.control.should_save = True
+        self._maybe_log_save_evaluate(run)
+        if self.preempted:
+            self.control.should_training_stop = True
+
+    def _check_update(self, run: _Run) -> bool:
+        """Record the update's loss; return whether the non-finite guard skips the update."""
+        loss, grad_norm = run.update_loss, run.grad_norm
+        if run.guard == "off":
+            run.losses.add(loss)
+            return False
+        # Under DDP the all-reduced gradients are the same on every rank, a rank's own loss
+        # is not: deciding on them keeps the replicas identical.
+        if self.is_distributed:
+            checked = [grad_norm if grad_norm is not None else _grad_norm(run.params)]
+        else:
+            checked = [loss] if grad_norm is None else [loss, grad_norm]
+        if run.guard == "on_device":
+            bad = ~torch.isfinite(torch.stack(checked)).all()
+            self.optimizer.found_inf = bad.float()  # type: ignore[union-attr]
+            run.losses.add_unless(loss, bad)
+            return False
+        # Reading scalars costs less than a chain of tiny tensor ops on the CPU.
+        values = [value.item() for value in checked]
+        norm = values[-1] if grad_norm is not None and not self.is_distributed else None
+        if all(map(math.isfinite, values)):
+            run.losses.add_read(loss, values[0], norm)
+            return False
+        run.losses.skip(norm)
+        self._on_nonfinite(loss, grad_norm)
+        return True
+
+    def _finish_training(self, run: _Run) -> TrainOutput:
+        """Save a stopped run, load the best model, log the summary and emit ``on_train_end``."""
+        args = self.args
         if (
             self.control.should_training_stop
             and not self.preempted
-            and self.state.global_step < max_steps
+            and self.state.global_step < run.plan.max_steps
             and args.save_strategy in ("steps", "epoch")
-            and self._last_saved_step != self.state.global_step
+            and run.last_saved != self.state.global_step
         ):
             # A callback stopped the run early: save it, so resuming knows it is finished.
             self.control.should_save = True
-            self._maybe_log_save_evaluate(grad_norm, learning_rate)
+            self._maybe_log_save_evaluate(run)
         if args.load_best_model_at_end and self.state.best_model_checkpoint and not self.preempted:
             barrier()
             self._load_best_model()
-        if self.is_distributed:
-            all_reduce_(self._tr_loss)
-            self._tr_loss /= self.dist.world_size
-        remaining = self._to_host(self._tr_loss)[0] if self._host_loss is None else self._host_loss
-        self._total_loss_scalar += remaining
-        steps_done = self.state.global_step - start_step
-        runtime = time.perf_counter() - start_time
-        metrics: dict[str, float] = {
-            "train_runtime": runtime,
-            "train_samples_per_second": steps_done * args.per_device_train_batch_size * ga * self.dist.world_size
-            / runtime if runtime > 0 else 0.0,
-            "train_steps_per_second": steps_done / runtime if runtime > 0 else 0.0,
-            "total_flos": float(self.state.total_flos),
-            "train_loss": self._total_loss_scalar / max(steps_done, 1),
-        }
+        metrics = self._summary(run)
         self.log(metrics)
-        self.control = handler.on_train_end(args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         self._drain_reporters()
         if self.integration_failures:
             logger.warning(
@@ -794,6 +832,19 @@ class Trainer:
                 self.state.global_step, self._preemption.requested, args.output_dir,
             )
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _summary(self, run: _Run) -> dict[str, float]:
+        """The final log: runtime, throughput, FLOs and the mean training loss of this call."""
+        steps_done = self.state.global_step - run.start_step
+        runtime = time.perf_counter() - run.start_time
+        samples = steps_done * self.args.per_device_train_batch_size * run.plan.accumulation * self.dist.world_size
+        return {
+            "train_runtime": runtime,
+            "train_samples_per_second": samples / runtime if runtime > 0 else 0.0,
+            "train_steps_per_second": steps_done / runtime if runtime > 0 else 0.0,
+            "total_flos": float(self.state.total_flos),
+            "train_loss": run.losses.total(self._read_scalars) / max(steps_done, 1),
+        }
 
     def _sync_control(self, preemption: bool = False) -> bool:
         """Make the control flags the same on every rank; return whether any rank got a stop signal.
@@ -825,45 +876,9 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
 
-    def _read_log_scalars(self, grad_norm: torch.Tensor | None) -> tuple[float, int, float | None]:
-        """The loss summed since the last log, the updates skipped since then and the last gradient norm.
-
-        Resets the sums. Reads the device once (one all-reduce under DDP), or not at all when
-        the guard summed them on the host.
-        """
-        if self._host_loss is not None:
-            loss, skipped = self._host_loss, self._host_skipped
-            self._host_loss, self._host_skipped = 0.0, 0
-            return loss, skipped, self._host_norm
-        parts = [self._tr_loss, self._skipped] + ([grad_norm] if grad_norm is not None else [])
-        if self.is_distributed:
-            # The mean loss over ranks; the skip count and the gradient norm are the same on every rank.
-            stacked = torch.stack([p.detach().float().reshape(()) for p in parts])
-            all_reduce_(stacked)
-            stacked /= self.dist.world_size
-            values = self._to_host(stacked)
-        else:
-            values = self._scalars_to_host(parts)
-        self._tr_loss.zero_()
-        skipped = int(values[1])
-        if skipped:
-            self._skipped.zero_()
-        return values[0], skipped, values[2] if grad_norm is not None else None
-
-    def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float) -> None:
-        control = self.control
-        if control.should_log and self.state.global_step > self._globalstep_last_logged:
-            loss_sum, skipped, norm = self._read_log_scalars(grad_norm)
-            steps = self.state.global_step - self._globalstep_last_logged
-            logs: dict[str, float] = {"loss": loss_sum / max(steps - skipped, 1)}
-            if norm is not None:
-                logs["grad_norm"] = norm
-            logs["learning_rate"] = learning_rate
-            if skipped:
-                logs["nonfinite_steps_skipped"] = skipped
-            self._total_loss_scalar += loss_sum
-            self._globalstep_last_logged = self.state.global_step
-            self.log(logs)
+    def _maybe_log_save_evaluate(self, run: _Run) -> None:
+        if self.control.should_log and self.state.global_step > run.last_logged:
+            self._log_training(run)
             # Callbacks ran: under DDP, agree again on what happens next (only on steps with events).
             self._sync_control()
         if self.control.should_evaluate:
@@ -873,10 +888,29 @@ class Trainer:
                 self.control.should_save = is_new_best
             self._sync_control()
         if self.control.should_save:
-            path = ckpt.save_training_checkpoint(self)
-            self._last_saved_step = self.state.global_step
+            path = self._save_checkpoint()
+            run.last_saved = self.state.global_step
             self.control = self.callback_handler.on_save(self.args, self.state, self.control, checkpoint=path)
             self._sync_control()
+
+    def _log_training(self, run: _Run) -> None:
+        """Log the mean loss since the last log, the gradient norm, the learning rate and any skips."""
+        loss_sum, skipped, norm = run.losses.take(run.grad_norm, self._read_scalars)
+        steps = self.state.global_step - run.last_logged
+        logs: dict[str, float] = {"loss": loss_sum / max(steps - skipped, 1)}
+        if norm is not None:
+            logs["grad_norm"] = norm
+        logs["learning_rate"] = run.learning_rate
+        if skipped:
+            logs["nonfinite_steps_skipped"] = skipped
+        run.last_logged = self.state.global_step
+        self.log(logs)
+
+    def _save_checkpoint(self) -> Path:
+        # Integrations must have processed every event (e.g. created their run) before
+        # their state (the run id) is saved.
+        self._drain_reporters()
+        return save_training_checkpoint(self._snapshot())
 
     def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
         name = self.args.metric_for_best_model
@@ -1054,5 +1088,5 @@ class Trainer:
         """Write ``trainer_state.json`` into ``output_dir`` (world rank zero)."""
         if self.is_world_process_zero():
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-            self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+            self.state.save_to_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
 

@@ -138,7 +138,6 @@ class NeptuneCallback(IntegrationCallback):
         self._mode = "async"
         #: Mode of the run that ``run_id`` names (restored on resume).
         self.run_mode: str | None = None
-        self._resume_floor = -1
         self._staged: list[Path] = []
         self._finished = False
 
@@ -200,7 +199,6 @@ class NeptuneCallback(IntegrationCallback):
         self._check_args(args)
         neptune = self.import_sdk()
         resumed = state.global_step > 0 and self.run_id is not None
-        self._resume_floor = self.last_logged_step if resumed else -1
         if not resumed:
             self.last_logged_step = -1
         previous = self.run_id
@@ -241,9 +239,7 @@ class NeptuneCallback(IntegrationCallback):
         self._check_args(args)
 
     def log_metrics(self, metrics: dict[str, float | int], step: int, state: TrainerState) -> None:
-        """Append each value at ``step`` (``train/epoch`` is assigned); skip steps logged before a resume."""
-        if step <= self._resume_floor:
-            return
+        """Append each value at ``step`` (``train/epoch`` is assigned)."""
         for key, value in metrics.items():
             field = self._run[f"{self.base_namespace}/{key}"]
             if key == "train/epoch":

@@ -12,10 +12,17 @@ Every name in the ``__all__`` of these packages is importable from here, the sam
 object as in its own package:
 
 - ``epochal_core`` (epochal-core)
+- ``epochal_azureml`` (epochal-azureml)
+- ``epochal_clearml`` (epochal-clearml)
+- ``epochal_codecarbon`` (epochal-codecarbon)
 - ``epochal_comet`` (epochal-comet)
+- ``epochal_dagshub`` (epochal-dagshub)
 - ``epochal_dvclive`` (epochal-dvclive)
+- ``epochal_flyte`` (epochal-flyte)
+- ``epochal_mlflow`` (epochal-mlflow)
 - ``epochal_neptune`` (epochal-neptune)
 - ``epochal_tensorboard`` (epochal-tensorboard)
+- ``epochal_wandb`` (epochal-wandb)
 
 Names load on first use: ``import epochal`` imports neither torch nor any
 integration, and a tracker's SDK is imported only when its callback starts a run.
@@ -29,12 +36,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from epochal_azureml import (
+        AzureMLCallback,
+    )
+    from epochal_clearml import (
+        ClearMLCallback,
+    )
+    from epochal_codecarbon import (
+        CodeCarbonCallback,
+    )
     from epochal_comet import (
         CometCallback,
     )
     from epochal_core import (
         EVENTS,
         CallbackHandler,
+        CheckpointChanged,
         CheckpointError,
         DefaultFlowCallback,
         EarlyStoppingCallback,
@@ -52,8 +69,17 @@ if TYPE_CHECKING:
         TrainOutput,
         set_seed,
     )
+    from epochal_dagshub import (
+        DagsHubCallback,
+    )
     from epochal_dvclive import (
         DVCLiveCallback,
+    )
+    from epochal_flyte import (
+        FlyteCallback,
+    )
+    from epochal_mlflow import (
+        MLflowCallback,
     )
     from epochal_neptune import (
         NeptuneCallback,
@@ -62,6 +88,9 @@ if TYPE_CHECKING:
         EventFileWriter,
         TensorBoardCallback,
     )
+    from epochal_wandb import (
+        WandbCallback,
+    )
 
 __version__ = "0.1.0"
 
@@ -69,6 +98,7 @@ __version__ = "0.1.0"
 _SOURCES: dict[str, str] = {
     "EVENTS": "epochal_core",
     "CallbackHandler": "epochal_core",
+    "CheckpointChanged": "epochal_core",
     "CheckpointError": "epochal_core",
     "DefaultFlowCallback": "epochal_core",
     "EarlyStoppingCallback": "epochal_core",
@@ -85,25 +115,39 @@ _SOURCES: dict[str, str] = {
     "TrainerState": "epochal_core",
     "TrainingArguments": "epochal_core",
     "set_seed": "epochal_core",
+    "AzureMLCallback": "epochal_azureml",
+    "ClearMLCallback": "epochal_clearml",
+    "CodeCarbonCallback": "epochal_codecarbon",
     "CometCallback": "epochal_comet",
+    "DagsHubCallback": "epochal_dagshub",
     "DVCLiveCallback": "epochal_dvclive",
+    "FlyteCallback": "epochal_flyte",
+    "MLflowCallback": "epochal_mlflow",
     "NeptuneCallback": "epochal_neptune",
     "EventFileWriter": "epochal_tensorboard",
     "TensorBoardCallback": "epochal_tensorboard",
+    "WandbCallback": "epochal_wandb",
 }
 
 __all__ = [
     "EVENTS",
+    "AzureMLCallback",
     "CallbackHandler",
+    "CheckpointChanged",
     "CheckpointError",
+    "ClearMLCallback",
+    "CodeCarbonCallback",
     "CometCallback",
     "DVCLiveCallback",
+    "DagsHubCallback",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
     "EventFileWriter",
     "ExportableState",
+    "FlyteCallback",
     "IntegrationCallback",
+    "MLflowCallback",
     "NeptuneCallback",
     "PredictionOutput",
     "PrinterCallback",
@@ -115,6 +159,7 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "TrainingArguments",
+    "WandbCallback",
     "__version__",
     "set_seed",
 ]

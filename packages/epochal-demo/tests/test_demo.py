@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from epochal_core import checkpoint as ckpt
-from epochal_core.demo import CharTokenizer, CharWindows, TinyGPT, generate, load_stdlib_text, main
+from epochal_demo import CharTokenizer, CharWindows, TinyGPT, generate, load_stdlib_text, main
 
 TINY = [
     "--cpu",

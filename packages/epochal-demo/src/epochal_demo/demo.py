@@ -3,12 +3,12 @@
 Everything it needs ships with Python and epochal-core: the text is a fixed list
 of ``.py`` files read from the standard library folder (no download), the model
 is a small causal transformer written here, and the loop is epochal's
-:class:`~epochal_core.trainer.Trainer` with periodic evaluation, rotating
+:class:`~epochal_core.Trainer` with periodic evaluation, rotating
 checkpoints, early stopping and the progress bar. The defaults take about a
 minute on two CPU cores; at the end it prints the first and last evaluation
 loss, a sample generated from a prompt, and the output folder.
 
-Run it with ``epochal-demo`` (or ``python -m epochal_core.demo``); ``--help``
+Run it with ``epochal-demo`` (or ``python -m epochal_demo``); ``--help``
 lists the settings.
 """
 
@@ -27,15 +27,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from epochal_core import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import Dataset
-
-from .callback import TrainerCallback
-from .control import TrainerControl
-from .early_stopping import EarlyStoppingCallback
-from .state import TrainerState
-from .trainer import Trainer, set_seed
-from .training_args import TrainingArguments
 
 __all__ = ["CharTokenizer", "CharWindows", "TinyGPT", "generate", "load_stdlib_text", "main"]
 
