@@ -42,6 +42,7 @@ CASES = [
     ({"report_to": 5}, "report_to", "5", "use 'all', 'none', or a list of integration names"),
     ({"report_to": ["all", "wandb"]}, "report_to", "['all', 'wandb']", "cannot be combined with other names"),
     ({"label_names": "labels"}, "label_names", "'labels'", "use a list of batch keys"),
+    ({"integration_timeout": 0}, "integration_timeout", "0", "use a finite number of seconds > 0"),
 ]
 
 

@@ -324,7 +324,8 @@ class Trainer:
         if _name is not None or isinstance(cb, IntegrationCallback):
             name = _name or getattr(cb, "name", "") or type(cb).__name__
             target = Reporter(
-                cb, name, strict=bool(self.args.strict_integrations), failures=self.integration_failures
+                cb, name, strict=bool(self.args.strict_integrations), failures=self.integration_failures,
+                timeout=self.args.integration_timeout,
             )
             self._reporters.append(target)
         self.callback_handler.add_callback(cb, target=target)
