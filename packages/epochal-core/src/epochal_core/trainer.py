@@ -18,7 +18,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +32,7 @@ from .background import IntegrationFailure, Reporter
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .discovery import resolve_report_to
-from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
+from .distributed import all_reduce_, barrier, broadcast_object, dist_info, ensure_process_group, sync_flags
 from .flow import DefaultFlowCallback
 from .handler import CallbackHandler
 from .integrations import IntegrationCallback
@@ -40,6 +40,8 @@ from .log_history import LogHistoryStore
 from .loss_tracking import LossTracker
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
+from .run_lock import OutputDirInUseError, RunLock
+from .save_failures import DiskSpaceWatch
 from .schedules import get_scheduler
 from .state import TrainerState
 from .training_args import TrainingArguments
@@ -264,6 +266,7 @@ class Trainer:
         self.preempted = False
         self._training = False
         self._reporters: list[Reporter] = []
+        self._disk_space = DiskSpaceWatch()
         self.callback_handler = CallbackHandler(
             [DefaultFlowCallback()], self.model, processing_class, optimizer, lr_scheduler
         )
@@ -561,7 +564,32 @@ class Trainer:
 
         Raises:
             CheckpointChanged: A file of the checkpoint to resume changed after it was saved.
+            OutputDirInUseError: Another live run holds ``output_dir`` (raised on every rank).
         """
+        with self._output_dir_lock():
+            return self._train_locked(resume_from_checkpoint)
+
+    @contextlib.contextmanager
+    def _output_dir_lock(self) -> Iterator[None]:
+        """Hold ``output_dir``'s run lock while training: world rank 0 takes it, every rank learns the outcome."""
+        lock = RunLock(self.args.output_dir) if self.is_world_process_zero() else None
+        refusal: str | None = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except OutputDirInUseError as err:
+                refusal = str(err)
+        # Under torchrun every rank raises the same error instead of waiting at the next collective.
+        refusal = broadcast_object(refusal) if self.is_distributed else refusal
+        if refusal is not None:
+            raise OutputDirInUseError(refusal if lock is not None else f"world rank 0 refused to train: {refusal}")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train_locked(self, resume_from_checkpoint: str | bool | os.PathLike[str] | None) -> TrainOutput:
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         set_seed(self.args.seed)
         self.preempted = False
@@ -668,6 +696,14 @@ class Trainer:
                 "The checkpoint %s was saved by a run a callback stopped early at step %d; it stays stopped. "
                 "Train from scratch, or resume with restore_callback_states_from_checkpoint=False to continue.",
                 checkpoint, self.state.global_step,
+            )
+            return False
+        if self.state.global_step >= run.plan.max_steps:
+            # Checked here, not by the flow at the next step end: that would train (and save) one step more.
+            logger.warning(
+                "The checkpoint %s is at step %d and max_steps is %d: nothing to train, no checkpoint written. "
+                "Raise max_steps (or num_train_epochs) to extend the run.",
+                checkpoint, self.state.global_step, run.plan.max_steps,
             )
             return False
         return True
@@ -911,6 +947,8 @@ class Trainer:
         # Integrations must have processed every event (e.g. created their run) before
         # their state (the run id) is saved.
         self._drain_reporters()
+        if self.is_world_process_zero():
+            self._disk_space.before_save(self.args.output_dir)
         return save_training_checkpoint(self._snapshot())
 
     def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
