@@ -49,7 +49,9 @@ from typing import Any
 from .handler import overridden_events
 from .integrations import IntegrationCallback
 
-__all__ = ["BATCH_INTERVAL", "DEFAULT_TIMEOUT", "QUEUE_CAPACITY", "IntegrationFailure", "IntegrationStalled", "Reporter"]
+__all__ = [
+    "BATCH_INTERVAL", "DEFAULT_TIMEOUT", "QUEUE_CAPACITY", "IntegrationFailure", "IntegrationStalled", "Reporter",
+]
 
 logger = logging.getLogger(__name__)
 

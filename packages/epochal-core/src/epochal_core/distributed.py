@@ -12,7 +12,6 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch

@@ -82,7 +82,9 @@ def save_failed(err: OSError, output_dir: str | os.PathLike[str], step: int, tmp
     if err.errno in _NO_SPACE:
         free = _free_bytes(root)
         free_text = f"{free:,} bytes are free now" if free is not None else "the free space is unknown"
-        took = f"the last checkpoint ({last.name}) took {checkpoint_size(last):,} bytes" if last else "no earlier checkpoint"
+        took = "no earlier checkpoint"
+        if last is not None:
+            took = f"the last checkpoint ({last.name}) took {checkpoint_size(last):,} bytes"
         what = "The disk is full" if err.errno == errno.ENOSPC else "There is no room for the file"
         parts.append(f"{what}: {took} and {free_text}.")
     parts.append(f"Its partial folder {tmp.name!r} was removed.")
