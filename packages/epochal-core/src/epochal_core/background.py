@@ -384,7 +384,8 @@ class Reporter:
             self._progress.notify_all()
 
     def _run(self, event: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
-        self._running = (event, monotonic())
+        if not self.inline:  # an inline call runs on the training thread: nothing waits on it
+            self._running = (event, monotonic())
         try:
             if event == "on_log" and self._log_handler is not None:
                 self._log_handler(args, state, kwargs.get("logs"), kwargs)

@@ -97,10 +97,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return sync_flags([flag], device)[0]
 
 
-def broadcast_object(obj: Any) -> Any:
-    """World rank 0's ``obj`` on every rank (a picklable object; ``obj`` itself in one process)."""
+def broadcast_object(obj: Any, device: torch.device) -> Any:
+    """World rank 0's ``obj`` on every rank (a picklable object; ``obj`` itself in one process).
+
+    ``device`` is this rank's device: NCCL needs the pickled bytes on this rank's GPU.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=device)
     return box[0]

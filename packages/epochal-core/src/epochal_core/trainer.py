@@ -580,7 +580,7 @@ class Trainer:
             except OutputDirInUseError as err:
                 refusal = str(err)
         # Under torchrun every rank raises the same error instead of waiting at the next collective.
-        refusal = broadcast_object(refusal) if self.is_distributed else refusal
+        refusal = broadcast_object(refusal, self.device) if self.is_distributed else refusal
         if refusal is not None:
             raise OutputDirInUseError(refusal if lock is not None else f"world rank 0 refused to train: {refusal}")
         try:
