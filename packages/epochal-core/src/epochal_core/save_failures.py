@@ -19,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import list_checkpoints
 
 __all__ = ["CheckpointSaveError", "DiskSpaceWatch", "checkpoint_size", "save_failed"]
 
@@ -56,6 +56,11 @@ def checkpoint_size(path: str | os.PathLike[str]) -> int:
     return total
 
 
+def _newest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    found = list_checkpoints(output_dir)  # quietly: resume reports incomplete folders, not every save
+    return found[-1] if found else None
+
+
 def _free_bytes(folder: Path) -> int | None:
     try:
         return shutil.disk_usage(folder).free
@@ -77,7 +82,7 @@ def save_failed(err: OSError, output_dir: str | os.PathLike[str], step: int, tmp
     """
     shutil.rmtree(tmp, ignore_errors=True)
     root = Path(output_dir)
-    last = latest_checkpoint(root)
+    last = _newest_checkpoint(root)
     parts = [f"Saving checkpoint-{step} into {str(root)!r} failed: {err}."]
     if err.errno in _NO_SPACE:
         free = _free_bytes(root)
@@ -99,23 +104,36 @@ def save_failed(err: OSError, output_dir: str | os.PathLike[str], step: int, tmp
 
 
 class DiskSpaceWatch:
-    """Warns once when, before a save, the free space is smaller than the last checkpoint."""
+    """Warns once when, before a save, the free space is smaller than the last checkpoint.
+
+    The last checkpoint is the one this watch saw saved (:meth:`saved`), else the newest
+    complete one in ``output_dir`` (looked up once: a resumed run's).
+    """
 
     def __init__(self) -> None:
         self.warned = False
+        self._last: tuple[str, int] | None = None  # (name, bytes) of the last checkpoint
+
+    def saved(self, path: str | os.PathLike[str]) -> None:
+        """Remember checkpoint ``path``, just committed, as the last one."""
+        self._last = (Path(path).name, checkpoint_size(path))
 
     def before_save(self, output_dir: str | os.PathLike[str]) -> None:
-        """Check the free space of ``output_dir`` against its newest complete checkpoint (warns at most once)."""
+        """Check the free space of ``output_dir`` against the last checkpoint (warns at most once)."""
         if self.warned:
             return
-        last = latest_checkpoint(output_dir)
-        if last is None:
-            return
-        size, free = checkpoint_size(last), _free_bytes(Path(output_dir))
+        if self._last is None:
+            newest = _newest_checkpoint(output_dir)
+            if newest is None:
+                return
+            self.saved(newest)
+        assert self._last is not None
+        name, size = self._last
+        free = _free_bytes(Path(output_dir))
         if free is not None and free < size:
             self.warned = True
             logger.warning(
                 "Only %s bytes are free in %r, less than the last checkpoint (%s) took (%s bytes): the next save "
                 "will probably fail. Make room, or set save_total_limit to rotate old checkpoints.",
-                f"{free:,}", os.fspath(output_dir), last.name, f"{size:,}",
+                f"{free:,}", os.fspath(output_dir), name, f"{size:,}",
             )

@@ -949,7 +949,10 @@ class Trainer:
         self._drain_reporters()
         if self.is_world_process_zero():
             self._disk_space.before_save(self.args.output_dir)
-        return save_training_checkpoint(self._snapshot())
+        path = save_training_checkpoint(self._snapshot())
+        if self.is_world_process_zero():
+            self._disk_space.saved(path)
+        return path
 
     def _determine_best_metric(self, metrics: Mapping[str, float]) -> bool:
         name = self.args.metric_for_best_model
