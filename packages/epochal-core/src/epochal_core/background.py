@@ -9,7 +9,8 @@ Queue policy: the queue holds :data:`QUEUE_CAPACITY` events. When it is full the
 training thread *waits* for room (and warns once): logs are never dropped, and
 memory stays bounded. Events that must have finished before training goes on
 (``on_save``: the files may be rotated later; ``on_train_end``; ``on_exception``)
-are queued behind the others and the training thread waits until they have run.
+are queued behind the others and the training thread waits until they have run;
+``on_init_end`` runs on the training thread itself (see :data:`TRAINING_THREAD_EVENTS`).
 
 Bounded waits: every wait on an integration (the sync events above, a full
 queue, :meth:`Reporter.drain` before a save or an evaluation's return,
@@ -66,6 +67,9 @@ PROGRESS_EVERY = 64
 DEFAULT_TIMEOUT = 60.0
 #: Events the training thread waits for (after everything queued before them).
 SYNC_EVENTS = frozenset({"on_init_end", "on_save", "on_train_end", "on_exception", "on_push_begin"})
+#: Sync events that run on the training thread itself: an integration reads thread-local context
+#: there (MLflow's active run belongs to the thread that started it). Once, in ``Trainer.__init__``.
+TRAINING_THREAD_EVENTS = frozenset({"on_init_end"})
 _STOP = object()
 _live: weakref.WeakSet[Reporter] = weakref.WeakSet()
 
@@ -190,6 +194,7 @@ class Reporter:
         if self.inline and event not in SYNC_EVENTS:
             return self._make_inline_dispatcher(event)
         sync = self.inline or event in SYNC_EVENTS
+        on_training_thread = self.inline or event in TRAINING_THREAD_EVENTS
         # An integration's on_log body never sees the control object: no snapshot of it then.
         copy_control = not (event == "on_log" and self._log_handler is not None)
 
@@ -199,7 +204,12 @@ class Reporter:
             if self.disabled:
                 self._check()
                 return None
-            if sync and self.inline:
+            if on_training_thread:
+                if not self.inline:
+                    self.drain()  # bounded, like every wait on the worker
+                    if self.disabled:
+                        self._check()
+                        return None
                 if self._stamps:
                     self.callback.event_time = None  # runs now: its own clock is right
                 self._run(event, args, state, control, kwargs)
