@@ -44,6 +44,7 @@ CLAIMS: dict[str, list[str]] = {
     "Callback state is restored by default": [
         f"{CORE_TESTS}/test_checkpoints.py::test_callback_states_are_restored_per_instance_in_order",
         f"{CORE_TESTS}/test_checkpoints.py::test_stopped_run_stays_stopped_and_finished_run_can_be_extended",
+        f"{CORE_TESTS}/test_field_failures.py::test_resuming_a_finished_run_with_the_same_max_steps_trains_no_step_and_writes_no_checkpoint",
     ],
     "SIGTERM / first Ctrl-C": [
         f"{CORE_TESTS}/test_checkpoints.py::test_sigterm_saves_at_the_step_boundary_and_exits_cleanly",
@@ -68,6 +69,21 @@ CLAIMS: dict[str, list[str]] = {
         f"{CORE_TESTS}/test_pretrained_models.py::test_lora_checkpoint_holds_the_adapter_not_the_base",
         f"{CORE_TESTS}/test_pretrained_models.py::test_lora_best_model_and_bit_exact_resume",
         f"{CORE_TESTS}/test_pretrained_models.py::test_core_import_and_a_plain_run_load_neither_library",
+    ],
+    "No integration can hold a run hostage": [
+        f"{CORE_TESTS}/test_field_failures.py::test_a_tracker_stalled_from_step_5_is_detached_and_the_step_10_checkpoint_is_still_written",
+        f"{CORE_TESTS}/test_field_failures.py::test_a_tracker_stalled_closing_its_run_does_not_hold_the_end_of_training",
+        f"{CORE_TESTS}/test_field_failures.py::test_strict_mode_raises_on_a_stalled_tracker",
+        f"{CORE_TESTS}/test_field_failures.py::test_sigterm_with_a_stalled_tracker_still_saves_and_exits_normally",
+    ],
+    "A full disk is named as one": [
+        f"{CORE_TESTS}/test_field_failures.py::test_a_file_size_limit_during_a_save_names_it_removes_the_partial_folder_and_resume_works",
+        f"{CORE_TESTS}/test_field_failures.py::test_enospc_on_a_small_filesystem_names_the_sizes_warns_before_and_resumes_after_making_room",
+    ],
+    "One run per `output_dir`": [
+        f"{CORE_TESTS}/test_field_failures.py::test_a_second_trainer_is_refused_while_another_process_trains_and_a_sigkilled_one_frees_the_folder",
+        f"{CORE_TESTS}/test_field_failures.py::test_a_live_runs_folder_refuses_train_but_not_evaluate_predict_or_a_later_resume",
+        f"{CORE_TESTS}/test_field_failures.py::test_the_lock_dies_with_a_sigkilled_holder",
     ],
     "`remove_callback` never raises": [
         f"{CORE_TESTS}/test_protocol.py::test_add_pop_remove_by_class_and_instance",

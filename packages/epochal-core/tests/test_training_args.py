@@ -50,6 +50,7 @@ CASES = [
     ({"eval_accumulation_steps": 0}, "eval_accumulation_steps", "0", "use None or an integer >= 1"),
     # issue 20 (the fsdp/fsdp_config errors of fsdp_options.py are in test_fsdp.py)
     ({"fsdp": "full_shard", "fp16": True}, "fp16", "True", "use bf16=True"),
+    ({"integration_timeout": 0}, "integration_timeout", "0", "use a finite number of seconds > 0"),
 ]
 
 

@@ -30,7 +30,10 @@ from .state import TrainerState
 from .training_args import TrainingArguments
 
 if TYPE_CHECKING:
+    from .background import IntegrationStalled
     from .checkpoint import CheckpointChanged, CheckpointError
+    from .run_lock import OutputDirInUseError
+    from .save_failures import CheckpointSaveError
     from .trainer import EvalPrediction, PredictionOutput, Trainer, TrainOutput, set_seed
 
 __version__ = "0.1.0"
@@ -44,6 +47,9 @@ _LAZY = {
     "set_seed": "trainer",
     "CheckpointChanged": "checkpoint",
     "CheckpointError": "checkpoint",
+    "CheckpointSaveError": "save_failures",
+    "IntegrationStalled": "background",
+    "OutputDirInUseError": "run_lock",
 }
 
 __all__ = [
@@ -51,11 +57,14 @@ __all__ = [
     "CallbackHandler",
     "CheckpointChanged",
     "CheckpointError",
+    "CheckpointSaveError",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
     "ExportableState",
     "IntegrationCallback",
+    "IntegrationStalled",
+    "OutputDirInUseError",
     "PredictionOutput",
     "PrinterCallback",
     "ProgressCallback",

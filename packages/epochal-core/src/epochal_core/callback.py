@@ -69,7 +69,9 @@ class TrainerCallback:
             queue (an instance may set it too, before the Trainer takes it). Use it
             when the callback must see the live objects, or when its events cost
             less than handing them to another thread (a log written to a local
-            buffer: epochal's TensorBoard writer).
+            buffer: epochal's TensorBoard writer). An inline integration must never
+            block: ``TrainingArguments.integration_timeout`` cannot bound a call on
+            the training thread.
     """
 
     order: ClassVar[int] = 0

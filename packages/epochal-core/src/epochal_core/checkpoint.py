@@ -191,6 +191,8 @@ class _ChecksummingWriter:
         self.file = file
         self.crc = 0
         self.size = 0
+        #: The OS error of a failed write: torch replaces it by its own RuntimeError.
+        self.error: OSError | None = None
 
     def _update(self, data: Any) -> None:
         self.crc = zlib.crc32(data, self.crc)
@@ -203,14 +205,18 @@ class _ChecksummingWriter:
     def write(self, data: Any) -> int:
         size = memoryview(data).nbytes
         self.size += size
-        if size < _OVERLAP_BYTES:
-            self._update(data)
-            return self.file.write(data)
-        hashed = _hash_thread().submit(self._update, data)
         try:
-            return self.file.write(data)
-        finally:
-            hashed.result()
+            if size < _OVERLAP_BYTES:
+                self._update(data)
+                return self.file.write(data)
+            hashed = _hash_thread().submit(self._update, data)
+            try:
+                return self.file.write(data)
+            finally:
+                hashed.result()
+        except OSError as err:
+            self.error = self.error or err
+            raise
 
     def flush(self) -> None:
         self.file.flush()
@@ -219,11 +225,16 @@ class _ChecksummingWriter:
 def _write(path: str | os.PathLike[str], fill: Any, fsync: DeferredFsync | None) -> dict[str, Any]:
     """Open ``path``, let ``fill`` write into a hashing wrapper, fsync; return ``{"size", "crc32"}``."""
     file = open(path, "wb")  # noqa: SIM115 - closed by finish_file, possibly later
+    writer = _ChecksummingWriter(file)
     try:
-        writer = _ChecksummingWriter(file)
         fill(writer)
-    except BaseException:
-        file.close()
+    except BaseException as err:
+        with suppress(OSError):  # flushing the buffer fails the same way; the first error is the one
+            file.close()
+        if writer.error is not None and writer.error is not err:
+            # torch.save reports a failed write as "enforce fail at inline_container.cc ... unexpected
+            # pos": raise the OS error (no space, file too large) that caused it.
+            raise writer.error from err
         raise
     finish_file(file, fsync)
     return {"size": writer.size, "crc32": writer.checksum}

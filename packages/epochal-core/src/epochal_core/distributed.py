@@ -12,11 +12,15 @@ import datetime
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_", "any_rank", "barrier", "dist_info", "ensure_process_group", "sync_flags"]
+__all__ = [
+    "DistInfo", "all_reduce_", "any_rank", "barrier", "broadcast_object", "dist_info", "ensure_process_group",
+    "sync_flags",
+]
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,15 @@ def sync_flags(flags: Sequence[bool], device: torch.device) -> list[bool]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank (one tiny all-reduce; local value in one process)."""
     return sync_flags([flag], device)[0]
+
+
+def broadcast_object(obj: Any, device: torch.device) -> Any:
+    """World rank 0's ``obj`` on every rank (a picklable object; ``obj`` itself in one process).
+
+    ``device`` is this rank's device: NCCL needs the pickled bytes on this rank's GPU.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +34,7 @@ from .collate import default_collate_explained
 from .control import TrainerControl
 from .data import EpochBatchSampler, TensorBatchLoader, has_length, is_iterable_dataset, supports_batch_indexing
 from .discovery import resolve_report_to
-from .distributed import all_reduce_, barrier, dist_info, ensure_process_group, sync_flags
+from .distributed import all_reduce_, barrier, broadcast_object, dist_info, ensure_process_group, sync_flags
 from .eval_gather import EvalAccumulator, nested_concat, to_python_numbers
 from .flow import DefaultFlowCallback
 from .foreign_checkpoint import is_transformers_checkpoint
@@ -60,7 +60,9 @@ from .model_inputs import RemoveUnusedKeysCollator, forward_parameters, model_la
 from .optimizers import build_optimizer
 from .preemption import PreemptionGuard
 from .progress import PrinterCallback, ProgressCallback
+from .run_lock import OutputDirInUseError, RunLock
 from .run_summary import print_run_summary
+from .save_failures import DiskSpaceWatch
 from .schedules import get_scheduler
 from .state import TrainerState
 from .training_args import TrainingArguments
@@ -297,6 +299,7 @@ class Trainer:
         self.preempted = False
         self._training = False
         self._reporters: list[Reporter] = []
+        self._disk_space = DiskSpaceWatch()
         self.callback_handler = CallbackHandler(
             [DefaultFlowCallback()], self.model, processing_class, optimizer, lr_scheduler
         )
@@ -357,7 +360,8 @@ class Trainer:
         if _name is not None or isinstance(cb, IntegrationCallback):
             name = _name or getattr(cb, "name", "") or type(cb).__name__
             target = Reporter(
-                cb, name, strict=bool(self.args.strict_integrations), failures=self.integration_failures
+                cb, name, strict=bool(self.args.strict_integrations), failures=self.integration_failures,
+                timeout=self.args.integration_timeout,
             )
             self._reporters.append(target)
         self.callback_handler.add_callback(cb, target=target)
@@ -705,20 +709,50 @@ class Trainer:
         """Train the model.
 
         Args:
-            trial: The Optuna trial (``hyperparameter_search``), passed to ``model_init``.
-            ignore_keys_for_eval: Output keys left out of the predictions of evaluations during training.
             resume_from_checkpoint: ``True`` resumes from the newest complete checkpoint
                 in ``output_dir``; a path resumes from that checkpoint. Weights,
                 optimizer, schedule, scaler, RNG streams, data position and
                 callback states are restored. A run a callback stopped early stays
                 stopped; a run that reached ``max_steps`` can be extended.
+            trial: The Optuna trial (``hyperparameter_search``), passed to ``model_init``.
+            ignore_keys_for_eval: Output keys left out of the predictions of evaluations during training.
 
         Returns:
             ``TrainOutput(global_step, training_loss, metrics)``.
 
         Raises:
             CheckpointChanged: A file of the checkpoint to resume changed after it was saved.
+            OutputDirInUseError: Another live run holds ``output_dir`` (raised on every rank).
         """
+        with self._output_dir_lock():
+            return self._train_locked(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    @contextlib.contextmanager
+    def _output_dir_lock(self) -> Iterator[None]:
+        """Hold ``output_dir``'s run lock while training: world rank 0 takes it, every rank learns the outcome."""
+        lock = RunLock(self.args.output_dir) if self.is_world_process_zero() else None
+        refusal: str | None = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except OutputDirInUseError as err:
+                refusal = str(err)
+        # Under torchrun every rank raises the same error instead of waiting at the next collective.
+        refusal = broadcast_object(refusal, self.device) if self.is_distributed else refusal
+        if refusal is not None:
+            raise OutputDirInUseError(refusal if lock is not None else f"world rank 0 refused to train: {refusal}")
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train_locked(
+        self,
+        resume_from_checkpoint: str | bool | os.PathLike[str] | None,
+        trial: Any,
+        ignore_keys_for_eval: list[str] | None,
+    ) -> TrainOutput:
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         if self.model_init is not None:
             self._fresh_model(trial)
@@ -852,6 +886,14 @@ class Trainer:
                 "The checkpoint %s was saved by a run a callback stopped early at step %d; it stays stopped. "
                 "Train from scratch, or resume with restore_callback_states_from_checkpoint=False to continue.",
                 checkpoint, self.state.global_step,
+            )
+            return False
+        if self.state.global_step >= run.plan.max_steps:
+            # Checked here, not by the flow at the next step end: that would train (and save) one step more.
+            logger.warning(
+                "The checkpoint %s is at step %d and max_steps is %d: nothing to train, no checkpoint written. "
+                "Raise max_steps (or num_train_epochs) to extend the run.",
+                checkpoint, self.state.global_step, run.plan.max_steps,
             )
             return False
         return True
@@ -1144,7 +1186,12 @@ class Trainer:
         # their state (the run id) is saved.
         self._drain_reporters()
         self._store_flos()
-        return save_training_checkpoint(self._snapshot())
+        if self.is_world_process_zero():
+            self._disk_space.before_save(self.args.output_dir)
+        path = save_training_checkpoint(self._snapshot())
+        if self.is_world_process_zero():
+            self._disk_space.saved(path)
+        return path
 
     def _store_flos(self) -> None:
         """Add the FLOs counted since the last call (summed over ranks) to ``state.total_flos``.

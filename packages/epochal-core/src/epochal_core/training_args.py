@@ -140,6 +140,10 @@ class TrainingArguments:
     The transformers fields ``overwrite_output_dir``, ``do_train``/``do_eval``/``do_predict``,
     the ``hub_*`` fields and ``skip_memory_metrics`` are accepted with no effect (one warning).
     Another transformers field epochal lacks raises ``TypeError`` naming the alternative.
+        integration_timeout: Seconds one call of an integration may run while training
+            waits on it (before a checkpoint, at the end, on an error, on SIGTERM, at exit,
+            on a full queue). A call running longer declares the integration stalled: it is
+            reported, detached and training goes on (strict mode raises instead). Default 60.
 
     Raises:
         ValueError: For an invalid value or an inconsistent combination.
@@ -227,6 +231,8 @@ class TrainingArguments:
     # issue 20: fully sharded data parallelism (FSDP2, torch's fully_shard)
     fsdp: str | list[str] | bool | None = ""
     fsdp_config: dict[str, Any] | str | None = None
+    # issue 22: field failures
+    integration_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         self.output_dir = os.fspath(self.output_dir)
@@ -305,6 +311,12 @@ class TrainingArguments:
             self.disable_tqdm = logging.getLogger("epochal_core").getEffectiveLevel() > logging.WARNING
         if self.strict_integrations is None:
             self.strict_integrations = _env_flag("EPOCHAL_STRICT_INTEGRATIONS")
+        if (
+            isinstance(self.integration_timeout, bool)
+            or not isinstance(self.integration_timeout, (int, float))
+            or not 0 < self.integration_timeout < float("inf")
+        ):
+            raise _bad("integration_timeout", self.integration_timeout, "use a finite number of seconds > 0 (e.g. 60).")
         if self.label_names is not None and (
             isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names)
         ):

@@ -38,6 +38,7 @@ from .foreign_checkpoint import is_transformers_checkpoint, load_model_weights
 from .fsdp import OPTIMIZER_DIR, is_sharded, is_sharded_checkpoint, load_sharded, save_sharded
 from .log_history import LogHistoryStore
 from .model_files import WEIGHTS_NAME, adopt_written, has_save_pretrained, load_model_files, write_model_files
+from .save_failures import save_failed
 from .state import TRAINER_STATE_NAME, TrainerState
 from .training_args import TrainingArguments
 
@@ -189,13 +190,17 @@ def save_training_checkpoint(snap: TrainingSnapshot) -> Path:
     barrier()
     # On every rank: load_best_model_at_end reads it, and the ranks must agree on it.
     snap.state.best_model_checkpoint = _best_checkpoint(root, snap.state)
-    # Every file starts its write-back as soon as it is written; all are fsynced when the block ends.
-    with deferred_fsync() as fsync:
-        _write_files(snap, FolderWriter(tmp, fsync), root)
-    barrier()
     final = root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    try:
+        # Every file starts its write-back as soon as it is written; all are fsynced when the block ends.
+        with deferred_fsync() as fsync:
+            _write_files(snap, FolderWriter(tmp, fsync), root)
+        barrier()
+        if snap.rank == 0:
+            commit(tmp, final)
+    except OSError as err:  # a full disk, a file-size limit, a folder gone read-only
+        raise save_failed(err, root, step, tmp) from err
     if snap.rank == 0:
-        commit(tmp, final)
         rotate_checkpoints(root, snap.args.save_total_limit, keep=snap.state.best_model_checkpoint)
     barrier()
     return final
