@@ -134,6 +134,13 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _is_array_like(value: Any) -> bool:
+    """A tensor, or a (nested) list/tuple of them: what evaluation can gather as predictions."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(_is_array_like(v) for v in value)
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -1321,7 +1328,9 @@ class Trainer:
         if isinstance(outputs, torch.Tensor):
             predictions = None if outputs.dim() == 0 else outputs
         elif isinstance(outputs, Mapping):
-            rest = {k: v for k, v in outputs.items() if k != "loss" and k not in ignore_keys}
+            # Caches (transformers' past_key_values: a DynamicCache object) are no predictions: only
+            # tensors and nested lists of them can be gathered and concatenated.
+            rest = {k: v for k, v in outputs.items() if k != "loss" and k not in ignore_keys and _is_array_like(v)}
             if "logits" in rest and len(rest) == 1:
                 predictions = rest["logits"]
             else:
