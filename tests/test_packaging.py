@@ -359,13 +359,15 @@ def _uv() -> str:
 def _uv_env(cache: Path) -> dict[str, str]:
     """The environment of a ``uv`` subprocess.
 
-    The root conftest points HTTP(S)_PROXY at a closed port (so no SDK can phone
-    home) and HOME at a temp folder; uv is a separate process that must reach its
-    package index to fetch hatchling and resolve, so only for uv the proxies are
-    removed. Its cache is ``cache`` (see the ``uv_cache`` fixture).
+    The root conftest points HTTP(S)_PROXY at a closed port and HOME at a temp
+    folder. uv runs offline (``UV_OFFLINE``): everything it needs (hatchling, torch,
+    the SDKs) is in ``cache`` from the ``uv sync`` that installed this workspace, so
+    the tests never reach past loopback, and a missing file fails instead of being
+    downloaded. Its cache is ``cache`` (see the ``uv_cache`` fixture).
     """
-    env = {k: v for k, v in os.environ.items() if k.upper() not in {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}}
+    env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
+    env["UV_OFFLINE"] = "1"
     env["UV_CACHE_DIR"] = str(cache)
     env["UV_NO_PROGRESS"] = "1"
     return env
