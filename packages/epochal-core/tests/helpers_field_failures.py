@@ -8,7 +8,6 @@ so a test can show that a detached tracker is never called again.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from epochal_core import IntegrationCallback
@@ -46,10 +45,6 @@ class StallingTracker(IntegrationCallback):
         if isinstance(self.stall_from, int) and step >= self.stall_from:
             self._block()
         self.calls.append(("log", step))
-
-    def log_values(self, names: tuple[str, ...], values: Iterable[float | int], step: int, state: Any) -> None:
-        """Same as :meth:`log_metrics`."""
-        self.log_metrics(dict(zip(names, values)), step, state)
 
     def log_checkpoint(self, path: str, args: Any, state: Any) -> None:
         """Record the checkpoint."""

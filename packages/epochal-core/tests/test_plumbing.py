@@ -241,8 +241,8 @@ def test_cli_lists_integrations_without_importing_them():
     assert any(line.startswith("fancytracker") and "not installed" in line for line in lines)
 
 
-def test_metric_names_are_the_tracker_names_of_a_log_of_numbers():
-    """An integration's fast path pairs these names with ``logs.values()``: same pairs as the split."""
+def test_a_log_reaches_log_metrics_under_the_tracker_names_and_non_scalars_are_dropped():
+    """Numbers go to log_metrics under transformers' rewritten names; lists are dropped with one warning."""
 
     class Tracker(IntegrationCallback):
         name = "tracker"
@@ -252,11 +252,8 @@ def test_metric_names_are_the_tracker_names_of_a_log_of_numbers():
 
     sent = []
     tracker = Tracker()
-    logs = {"loss": 0.5, "grad_norm": 1, "eval_loss": 0.25, "total_flos": 2.0, "done": True}
-    names = tracker.metric_names(logs)
-    assert names == ("train/loss", "train/grad_norm", "eval/loss", "train/total_flos", "train/done")
-    tracker.log_values(names, logs.values(), 7, None)  # by default: log_metrics with the split's dict
-    assert sent == [(tracker._split_logs(logs)[0], 7)]
-    assert tracker.metric_names(dict(logs)) is names  # computed once per set of keys
-    assert tracker.metric_names({"loss": 0.5, "phase": "warmup"}) is None  # not all numbers
-    assert tracker.metric_names({"loss": 0.5, "weights": [1.0]}) is None
+    logs = {"loss": 0.5, "grad_norm": 1, "eval_loss": 0.25, "total_flos": 2.0, "done": True, "weights": [1.0]}
+    metrics, texts = tracker._split_logs(logs)
+    assert metrics == {"train/loss": 0.5, "train/grad_norm": 1, "eval/loss": 0.25, "train/total_flos": 2.0,
+                       "train/done": True}
+    assert texts == {}
