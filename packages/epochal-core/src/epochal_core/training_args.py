@@ -244,6 +244,33 @@ class TrainingArguments:
             self.torch_compile = True
         if self.logging_dir is None:
             self.logging_dir = os.path.join(self.output_dir, "runs")
+        self._check_choices()
+        self._check_numbers()
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        strategies = {"logging": self.logging_strategy, "eval": self.eval_strategy, "save": self.save_strategy}
+        for kind, strategy in strategies.items():
+            self._check_interval(f"{kind}_steps", getattr(self, f"{kind}_steps"), strategy == "steps")
+        self._resolve_best_model()
+        self.report_to = self._normalise_report_to(self.report_to)
+        if self.disable_tqdm is None:
+            self.disable_tqdm = logging.getLogger("epochal_core").getEffectiveLevel() > logging.WARNING
+        if self.strict_integrations is None:
+            self.strict_integrations = _env_flag("EPOCHAL_STRICT_INTEGRATIONS")
+        if (
+            isinstance(self.integration_timeout, bool)
+            or not isinstance(self.integration_timeout, (int, float))
+            or not 0 < self.integration_timeout < float("inf")
+        ):
+            raise _bad("integration_timeout", self.integration_timeout, "use a finite number of seconds > 0 (e.g. 60).")
+        if self.label_names is not None and (
+            isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names)
+        ):
+            raise _bad("label_names", self.label_names, "use a list of batch keys, e.g. ['labels'].")
+        self._resolve_fsdp()  # issue 20
+
+    def _check_choices(self) -> None:
+        """Fields that take one of a set of names, and the settings that go with them."""
         for name in ("eval_strategy", "logging_strategy"):
             value = getattr(self, name)
             if value not in _STRATEGIES:
@@ -272,6 +299,9 @@ class TrainingArguments:
             raise _bad("eval_accumulation_steps", self.eval_accumulation_steps, "use None or an integer >= 1.")
         if self.nonfinite_policy not in _NONFINITE_POLICIES:
             raise _bad("nonfinite_policy", self.nonfinite_policy, f"use one of {list(_NONFINITE_POLICIES)}.")
+
+    def _check_numbers(self) -> None:
+        """Sizes, rates and limits: each within its range."""
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -300,28 +330,6 @@ class TrainingArguments:
             raise _bad("ddp_timeout", self.ddp_timeout, "use a number of seconds > 0.")
         if self.bf16 and self.fp16:
             raise _bad("fp16", self.fp16, "choose one of bf16 and fp16, not both.")
-        if self.eval_strategy == "steps" and self.eval_steps is None:
-            self.eval_steps = self.logging_steps
-        strategies = {"logging": self.logging_strategy, "eval": self.eval_strategy, "save": self.save_strategy}
-        for kind, strategy in strategies.items():
-            self._check_interval(f"{kind}_steps", getattr(self, f"{kind}_steps"), strategy == "steps")
-        self._resolve_best_model()
-        self.report_to = self._normalise_report_to(self.report_to)
-        if self.disable_tqdm is None:
-            self.disable_tqdm = logging.getLogger("epochal_core").getEffectiveLevel() > logging.WARNING
-        if self.strict_integrations is None:
-            self.strict_integrations = _env_flag("EPOCHAL_STRICT_INTEGRATIONS")
-        if (
-            isinstance(self.integration_timeout, bool)
-            or not isinstance(self.integration_timeout, (int, float))
-            or not 0 < self.integration_timeout < float("inf")
-        ):
-            raise _bad("integration_timeout", self.integration_timeout, "use a finite number of seconds > 0 (e.g. 60).")
-        if self.label_names is not None and (
-            isinstance(self.label_names, str) or not all(isinstance(n, str) for n in self.label_names)
-        ):
-            raise _bad("label_names", self.label_names, "use a list of batch keys, e.g. ['labels'].")
-        self._resolve_fsdp()  # issue 20
 
     def _resolve_fsdp(self) -> None:
         self.fsdp = normalise_fsdp(self.fsdp)
