@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,30 @@ def test_training_results_unchanged_and_no_reporter_process(tmp_path: Path) -> N
     callback = clearml_callback(trainer)
     forks: list[int] = []
 
+    def still_a_fork(child: psutil.Process, cmdline: list[str]) -> bool:
+        # A child forked to run a program (ClearML runs git to detect the repository) shows our
+        # command line only until it execs: it is a reporter process if it still does after a
+        # generous deadline (a reporter lives as long as the task).
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                if child.cmdline() != cmdline or child.status() == psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.NoSuchProcess:
+                return False
+            try:
+                child.wait(timeout=0.05)  # returns at once when it exits
+                return False
+            except psutil.TimeoutExpired:
+                pass
+        return True
+
     def record_forks() -> bool:
-        # A reporter process is a fork: a child running our own command line (git runs briefly for
-        # repository detection; that is not one).
         me = psutil.Process()
+        cmdline = me.cmdline()
         for child in me.children(recursive=True):
             try:
-                if child.cmdline() == me.cmdline():
+                if child.cmdline() == cmdline and still_a_fork(child, cmdline):
                     forks.append(child.pid)
             except psutil.NoSuchProcess:
                 pass
