@@ -19,45 +19,14 @@ from epochal_core import (
     TrainingArguments,
 )
 from epochal_core.handler import CallbackHandler
+from helpers_parity import Classifier, Points, args_for
 from torch import nn
 from torch.utils.data import Dataset
 
 
-class Classifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-
-    def forward(self, x, labels=None):
-        logits = self.linear(x)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = nn.functional.cross_entropy(logits, labels)
-        return out
-
-
-class Points(Dataset):
-    def __init__(self, n=16):
-        gen = torch.Generator().manual_seed(5)
-        self.x = torch.randn(n, 4, generator=gen)
-        self.y = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
-def args_for(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to="none", disable_tqdm=True,
-                per_device_train_batch_size=4, per_device_eval_batch_size=4, save_strategy="no")
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
 def test_run_glue_epilogue_log_metrics_save_metrics_save_state(tmp_path, capsys):
-    trainer = Trainer(Classifier(), args_for(tmp_path, max_steps=2), train_dataset=Points(), eval_dataset=Points(8))
+    trainer = Trainer(Classifier(), args_for(tmp_path, max_steps=2), train_dataset=Points(seed=5),
+                      eval_dataset=Points(8, seed=5))
     train_result = trainer.train()
     metrics = train_result.metrics
     metrics["train_samples"] = 16
@@ -85,7 +54,7 @@ def test_model_init_builds_a_fresh_model_for_every_train(tmp_path):
         built.append(Classifier())
         return built[-1]
 
-    trainer = Trainer(model_init=model_init, args=args_for(tmp_path, max_steps=2), train_dataset=Points())
+    trainer = Trainer(model_init=model_init, args=args_for(tmp_path, max_steps=2), train_dataset=Points(seed=5))
     trainer.train()
     first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
@@ -100,8 +69,8 @@ def test_model_init_builds_a_fresh_model_for_every_train(tmp_path):
 
 def test_hyperparameter_search_without_optuna_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what Python does when optuna is not installed: import fails
-    trainer = Trainer(model_init=Classifier, args=args_for(tmp_path, max_steps=1), train_dataset=Points(),
-                      eval_dataset=Points(4))
+    trainer = Trainer(model_init=Classifier, args=args_for(tmp_path, max_steps=1), train_dataset=Points(seed=5),
+                      eval_dataset=Points(4, seed=5))
     with pytest.raises(ImportError, match="pip install optuna"):
         trainer.hyperparameter_search(direction="minimize", n_trials=2)
     with pytest.raises(ValueError, match="'optuna' only"):
@@ -121,7 +90,7 @@ def test_hyperparameter_search_with_optuna_trains_a_fresh_model_per_trial(tmp_pa
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)}
 
     args = args_for(tmp_path, max_steps=2)
-    trainer = Trainer(model_init=model_init, args=args, train_dataset=Points(), eval_dataset=Points(8))
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=Points(seed=5), eval_dataset=Points(8, seed=5))
     best_run = trainer.hyperparameter_search(hp_space=hp_space, n_trials=3, direction="minimize")
     study = best_run.run_summary
     assert len(study.trials) == 3 and len(built) == 4 and built[0] is None  # construction, then one per trial
@@ -159,10 +128,11 @@ class MyTestExportableCallback(TrainerCallback, ExportableState):
 
 def test_stateful_callback_is_rebuilt_from_its_saved_args(tmp_path):
     args = args_for(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
-    Trainer(Classifier(), args, train_dataset=Points(), callbacks=[MyTestExportableCallback("another value")]).train()
+    Trainer(Classifier(), args, train_dataset=Points(seed=5),
+            callbacks=[MyTestExportableCallback("another value")]).train()
     callback = MyTestExportableCallback()
     trainer = Trainer(Classifier(), args_for(tmp_path, max_steps=3, save_strategy="steps", save_steps=2),
-                      train_dataset=Points(), callbacks=[callback])
+                      train_dataset=Points(seed=5), callbacks=[callback])
     trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert callback.my_test_state == "another value"
 
@@ -176,7 +146,7 @@ def test_model_returning_bare_logits_is_told_it_returned_no_loss(tmp_path):
         def forward(self, x, labels=None):
             return self.linear(x)
 
-    trainer = Trainer(LogitsModel(), args_for(tmp_path, max_steps=1), train_dataset=Points())
+    trainer = Trainer(LogitsModel(), args_for(tmp_path, max_steps=1), train_dataset=Points(seed=5))
     with pytest.raises(ValueError, match=r"did not return a loss: forward returned a tensor of shape \(4, 3\)") as err:
         trainer.train()
     assert ".mean()" not in str(err.value)
@@ -199,7 +169,7 @@ def test_metric_for_best_model_without_compute_metrics_fails_at_construction(tmp
     args = args_for(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
                     load_best_model_at_end=True, metric_for_best_model="accuracy")
     with pytest.raises(ValueError, match=r"metric_for_best_model='accuracy'.*compute_metrics"):
-        Trainer(Classifier(), args, train_dataset=Points(), eval_dataset=Points(4))
+        Trainer(Classifier(), args, train_dataset=Points(seed=5), eval_dataset=Points(4, seed=5))
 
 
 def _as_transformers_checkpoint(folder):
@@ -220,7 +190,7 @@ def _as_transformers_checkpoint(folder):
 def test_resume_a_checkpoint_written_by_transformers_with_one_warning(tmp_path, caplog):
     pytest.importorskip("safetensors")
     first = Trainer(Classifier(), args_for(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
-                    train_dataset=Points())
+                    train_dataset=Points(seed=5))
     first.train()
     source = tmp_path / "out" / "checkpoint-2"
     foreign = tmp_path / "hf" / "checkpoint-2"
@@ -229,7 +199,7 @@ def test_resume_a_checkpoint_written_by_transformers_with_one_warning(tmp_path, 
     saved_weights = {k: v.clone() for k, v in first.model.state_dict().items()}
     model = Classifier()
     trainer = Trainer(model, args_for(tmp_path, output_dir=str(tmp_path / "resumed"), max_steps=3),
-                      train_dataset=Points())
+                      train_dataset=Points(seed=5))
     loaded = {}
     trainer.add_callback(_CaptureWeights(loaded))
     with caplog.at_level(logging.WARNING, logger="epochal_core"):
@@ -241,7 +211,7 @@ def test_resume_a_checkpoint_written_by_transformers_with_one_warning(tmp_path, 
         torch.testing.assert_close(value, saved_weights[key])
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         (foreign / "model.safetensors").unlink()
-        Trainer(Classifier(), args_for(tmp_path, max_steps=3), train_dataset=Points()).train(
+        Trainer(Classifier(), args_for(tmp_path, max_steps=3), train_dataset=Points(seed=5)).train(
             resume_from_checkpoint=str(foreign))
 
 

@@ -329,6 +329,23 @@ class IntegrationCallback(TrainerCallback):
                 type(value).__name__,
             )
 
+    def log_prediction_metrics(
+        self, args: TrainingArguments, state: TrainerState, metrics: Any, kwargs: dict[str, Any]
+    ) -> None:
+        """Send ``predict()``'s ``test/`` metrics: for an ``on_predict`` override (W&B and Comet have one).
+
+        After training the run is closed, so it is reopened (the same run id) for them and
+        finished again; on world rank zero only.
+        """
+        if not state.is_world_process_zero or not metrics:
+            return
+        opened = not self._initialized
+        self._ensure_setup(args, state, kwargs)
+        self.log_metrics(self.scalars(metrics), state.global_step, state)
+        if opened:
+            self._initialized = False
+            self.finish("finished")
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         """Pass the committed checkpoint to :meth:`log_checkpoint`."""
         if state.is_world_process_zero and self._initialized:

@@ -269,11 +269,4 @@ class WandbCallback(IntegrationCallback):
         **kwargs: Any,
     ) -> Any:
         """Log the ``test/`` metrics; after training, reopen the same run for them and finish it again."""
-        if not state.is_world_process_zero or not metrics:
-            return
-        opened = not self._initialized
-        self._ensure_setup(args, state, kwargs)
-        self.log_metrics(self.scalars(metrics), state.global_step, state)
-        if opened:
-            self._initialized = False
-            self.finish("finished")
+        self.log_prediction_metrics(args, state, metrics, kwargs)
