@@ -374,51 +374,27 @@ def _eval_losses(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo.
+def _load_data(opts: argparse.Namespace) -> tuple[str, str, CharTokenizer, torch.Tensor, CharWindows, CharWindows]:
+    """The text, where it came from, its tokenizer and encoding, and the training and evaluation windows."""
+    if opts.text_file:
+        text = Path(opts.text_file).read_text(encoding="utf-8", errors="replace")[: opts.max_chars]
+        source = opts.text_file
+    else:
+        text, files = load_stdlib_text(opts.max_chars)
+        source = f"{len(files)} standard library files in {stdlib_dir()}"
+    tokenizer = CharTokenizer(text)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    split = int(0.95 * data.numel())
+    # Overlapping training windows give more distinct samples; eval windows do not overlap.
+    train_ds = CharWindows(data[:split], opts.block_size, max(opts.block_size // 2, 1))
+    eval_ds = CharWindows(data[split:], opts.block_size, opts.block_size)
+    return text, source, tokenizer, data, train_ds, eval_ds
 
-    Args:
-        argv: Command-line arguments (default ``sys.argv[1:]``).
 
-    Returns:
-        ``0`` on success, ``1`` when the text cannot be read or is too short.
-
-    """
-    opts = build_parser().parse_args(argv)
-    output_dir = (Path(opts.output_dir) if opts.output_dir else _fresh_output_dir()).resolve()
-
-    try:
-        if opts.text_file:
-            text = Path(opts.text_file).read_text(encoding="utf-8", errors="replace")[: opts.max_chars]
-            source = opts.text_file
-        else:
-            text, files = load_stdlib_text(opts.max_chars)
-            source = f"{len(files)} standard library files in {stdlib_dir()}"
-        tokenizer = CharTokenizer(text)
-        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-        split = int(0.95 * data.numel())
-        # Overlapping training windows give more distinct samples; eval windows do not overlap.
-        train_ds = CharWindows(data[:split], opts.block_size, max(opts.block_size // 2, 1))
-        eval_ds = CharWindows(data[split:], opts.block_size, opts.block_size)
-    except (OSError, ValueError) as err:
-        print(f"epochal-demo: {err}", file=sys.stderr)
-        return 1
-
-    if opts.threads is not None:
-        # On a shared or busy machine, fewer threads than cores avoids OpenMP oversubscription stalls.
-        torch.set_num_threads(opts.threads)
-    set_seed(opts.seed)  # the Trainer seeds too, but only after the model is built
-    model = TinyGPT(tokenizer.vocab_size, opts.block_size, opts.d_model, opts.layers, opts.heads)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"Text: {len(text):,} characters from {source}; vocabulary of {tokenizer.vocab_size} characters; "
-        f"{len(train_ds):,} training and {len(eval_ds):,} evaluation windows of {opts.block_size}.\n"
-        f"Model: {n_params:,} parameters ({opts.layers} layers, d_model {opts.d_model}, {opts.heads} heads); "
-        f"initial loss should be near ln({tokenizer.vocab_size}) = {math.log(tokenizer.vocab_size):.2f}."
-    )
-
+def _training_arguments(opts: argparse.Namespace, output_dir: Path) -> TrainingArguments:
+    """The demo's TrainingArguments: evaluate and save together, keep the best, stop early."""
     report_to: str | list[str] = opts.report_to[0] if opts.report_to in (["none"], ["all"]) else opts.report_to
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=opts.max_steps,
         per_device_train_batch_size=opts.batch_size,
@@ -439,6 +415,41 @@ def main(argv: list[str] | None = None) -> int:
         seed=opts.seed,
         use_cpu=opts.cpu,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo.
+
+    Args:
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        ``0`` on success, ``1`` when the text cannot be read or is too short.
+
+    """
+    opts = build_parser().parse_args(argv)
+    output_dir = (Path(opts.output_dir) if opts.output_dir else _fresh_output_dir()).resolve()
+
+    try:
+        text, source, tokenizer, data, train_ds, eval_ds = _load_data(opts)
+    except (OSError, ValueError) as err:
+        print(f"epochal-demo: {err}", file=sys.stderr)
+        return 1
+
+    if opts.threads is not None:
+        # On a shared or busy machine, fewer threads than cores avoids OpenMP oversubscription stalls.
+        torch.set_num_threads(opts.threads)
+    set_seed(opts.seed)  # the Trainer seeds too, but only after the model is built
+    model = TinyGPT(tokenizer.vocab_size, opts.block_size, opts.d_model, opts.layers, opts.heads)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"Text: {len(text):,} characters from {source}; vocabulary of {tokenizer.vocab_size} characters; "
+        f"{len(train_ds):,} training and {len(eval_ds):,} evaluation windows of {opts.block_size}.\n"
+        f"Model: {n_params:,} parameters ({opts.layers} layers, d_model {opts.d_model}, {opts.heads} heads); "
+        f"initial loss should be near ln({tokenizer.vocab_size}) = {math.log(tokenizer.vocab_size):.2f}."
+    )
+
+    args = _training_arguments(opts, output_dir)
     callbacks: list[TrainerCallback] = [EarlyStoppingCallback(early_stopping_patience=3)]
     if opts.seconds is not None:
         callbacks.append(_TimeBudget(opts.seconds))
